@@ -1,0 +1,156 @@
+"""From trajectory files to batches: loading, the train/val split, and the LightningDataModule."""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from collections import Counter
+from typing import Iterable, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from atlas.data.formats import read_trajectories
+from atlas.data.masking import IGNORE_INDEX, Example, MaskingError, StepOverflowError, encode
+from atlas.data.trajectory import Trajectory
+
+log = logging.getLogger(__name__)
+
+
+def load_trajectories(files: Sequence[str], format: str = "auto", env: str | None = None,
+                      limit: int | None = None) -> list[Trajectory]:
+    """Read and concatenate trajectory files; keep the first ``limit`` trajectories."""
+    if isinstance(files, str):
+        files = [files]
+    if not files:
+        raise ValueError("data.files is empty: give at least one trajectory file")
+    out: list[Trajectory] = []
+    for f in files:
+        out.extend(read_trajectories(f, format=format, env=env))
+    dup = [i for i, n in Counter(t.id for t in out).items() if n > 1]
+    if dup:
+        raise ValueError(f"trajectory ids repeat across data.files: {dup[:5]}")
+    return out[:limit] if limit else out
+
+
+def split_trajectories(trajectories: Sequence[Trajectory], val_fraction: float
+                       ) -> tuple[list[Trajectory], list[Trajectory]]:
+    """Hold out ``val_fraction`` of the trajectories, chosen by a hash of their id.
+
+    The split depends on the ids only, not on the seed or the file order, so every selector,
+    ratio and seed of a sweep is validated on the same trajectories.
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+    n_val = int(round(len(trajectories) * val_fraction))
+    order = sorted(trajectories, key=lambda t: hashlib.sha1(t.id.encode()).hexdigest())
+    val_ids = {t.id for t in order[:n_val]}
+    return ([t for t in trajectories if t.id not in val_ids],
+            [t for t in trajectories if t.id in val_ids])
+
+
+def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of examples into a batch."""
+    width = max(len(e.input_ids) for e in examples)
+
+    def pad(rows: Iterable[list[int]], value: int) -> torch.Tensor:
+        return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+    return {
+        "input_ids": pad((e.input_ids for e in examples), pad_token_id),
+        "attention_mask": pad(([1] * len(e.input_ids) for e in examples), 0),
+        "labels": pad((e.labels for e in examples), IGNORE_INDEX),
+        "step_ids": pad((e.step_ids for e in examples), -1),
+    }
+
+
+class TrajectoryDataModule(L.LightningDataModule):
+    """Masked examples of the selected training trajectories, and validation examples.
+
+    Validation examples supervise *every* step of the held-out trajectories, whatever the
+    selector, so ``val/loss`` is comparable across selectors and ratios.
+
+    Args:
+        train: Training trajectories, with the selection applied.
+        val: Validation trajectories (all steps are scored).
+        tokenizer: Tokenizer with the model's chat template.
+        max_length: Longest sequence; see :func:`atlas.data.masking.encode` for ``overflow``.
+        overflow: ``drop_steps`` or ``error``.
+        batch_size: Examples per batch.
+        num_workers: DataLoader workers.
+    """
+
+    def __init__(self, train: list[Trajectory], val: list[Trajectory], tokenizer,
+                 max_length: int | None = 1024, overflow: str = "drop_steps", batch_size: int = 1,
+                 num_workers: int = 0):
+        super().__init__()
+        self.train_trajectories, self.val_trajectories = train, val
+        self.tokenizer = tokenizer
+        self.max_length, self.overflow = max_length, overflow
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.train_examples: list[Example] | None = None
+        self.val_examples: list[Example] = []
+        self.stats: dict[str, float] = {}
+
+    def _encode_all(self, trajectories: list[Trajectory], split: str) -> list[Example]:
+        examples, unselected, overflowed, dropped_steps = [], [], [], 0
+        for t in trajectories:
+            if not t.selected_steps:
+                unselected.append(t.id)
+                continue
+            try:
+                ex = encode(t, self.tokenizer, self.max_length, self.overflow)
+            except StepOverflowError:
+                if self.overflow == "error":
+                    raise
+                overflowed.append(t.id)
+                dropped_steps += len(t.selected_steps)
+                continue
+            dropped_steps += len(ex.dropped_steps)
+            examples.append(ex)
+        if unselected:
+            log.warning("%s: %d trajectories have no selected step and are left out (e.g. %s)",
+                        split, len(unselected), unselected[:3])
+        if dropped_steps:
+            log.warning("%s: %d selected steps end past max_length=%s and are not supervised; "
+                        "%d trajectories lost every selected step (e.g. %s)", split,
+                        dropped_steps, self.max_length, len(overflowed), overflowed[:3])
+        if not examples:
+            raise MaskingError(f"{split}: no example has a supervised token "
+                               f"({len(trajectories)} trajectories)")
+        self.stats.update({f"{split}/trajectories_skipped": len(unselected) + len(overflowed),
+                           f"{split}/steps_dropped_max_length": dropped_steps})
+        return examples
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_examples is not None:
+            return
+        self.train_examples = self._encode_all(self.train_trajectories, "train")
+        if self.val_trajectories:
+            self.val_examples = self._encode_all(
+                [t.with_selection(range(t.num_steps)) for t in self.val_trajectories], "val")
+        ex = self.train_examples
+        n_steps = sum(t.num_steps for t in self.train_trajectories)
+        n_sel = sum(len(e.selected_steps) for e in ex)
+        self.stats.update({
+            "train/examples": len(ex),
+            "train/steps": n_steps,
+            "train/supervised_steps": n_sel,
+            "train/supervised_step_fraction": n_sel / n_steps if n_steps else 0.0,
+            "train/tokens": sum(len(e.input_ids) for e in ex),
+            "train/supervised_tokens": sum(e.num_supervised_tokens for e in ex),
+            "val/examples": len(self.val_examples),
+        })
+
+    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
+        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle,
+                          num_workers=self.num_workers,
+                          collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_examples, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_examples, shuffle=False) if self.val_examples else []

@@ -1,0 +1,133 @@
+"""The training job: expert trajectories -> selection -> masked examples -> Lightning -> model.
+
+Every arrow leaves a file in the run's output directory:
+
+- ``selection.jsonl``: the training trajectories with the selector's choice (atlas format; feed it
+  back as data with ``selector=full`` to train on exactly that selection);
+- ``checkpoints/``: Lightning checkpoints (``ckpt_path=.../last.ckpt`` resumes);
+- ``model/``: the trained model (or PEFT adapter) and tokenizer, saved with ``save_pretrained``;
+- ``train_summary.json``: selection statistics, final metrics and where everything went.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from atlas.data.datamodule import load_trajectories, split_trajectories
+from atlas.data.formats import write_trajectories
+from atlas.model import load_model, load_tokenizer
+from atlas.utils import atomic_write, redact, wandb_offline_by_default
+
+log = logging.getLogger(__name__)
+
+
+def _choices() -> dict[str, str]:
+    """Config-group choices of this job (selector=..., model=...), when run under Hydra."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return {k: v for k, v in HydraConfig.get().runtime.choices.items()
+                if v is not None and not k.startswith("hydra")}
+    except ValueError:
+        return {}
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+
+
+def _single_log_handler() -> None:
+    """Lightning adds its own console handler when imported before logging is configured;
+    under Hydra that prints every line twice."""
+    root_has_handlers = bool(logging.getLogger().handlers)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        if root_has_handlers:
+            lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training job described by ``conf/train.yaml``; returns its summary."""
+    t0 = time.time()
+    _single_log_handler()
+    wandb_mode = wandb_offline_by_default()
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(cfg.seed, workers=True)
+    choices = _choices()
+
+    # 1. expert trajectories
+    d = cfg.data
+    trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
+    train_t, val_t = split_trajectories(trajectories, d.val_fraction)
+
+    # 2. selection (selector + ratio)
+    selector = instantiate(cfg.selector)
+    selection = selector.select(train_t)
+    selection_file = write_trajectories(out / "selection.jsonl", selection)
+
+    # 3. masked examples (chat template, labels only on the selected steps)
+    tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
+    # _partial_: runtime objects passed to instantiate() would be turned into configs
+    datamodule = instantiate(d.loader, _partial_=True)(train=selection, val=val_t, tokenizer=tokenizer)
+    datamodule.setup("fit")
+    stats = dict(datamodule.stats)
+    log.info("selector=%s ratio=%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
+             selector.name, cfg.ratio, stats["train/supervised_steps"], stats["train/steps"],
+             100 * stats["train/supervised_step_fraction"], stats["train/supervised_tokens"],
+             stats["train/tokens"])
+
+    # 4. Lightning training
+    peft_config = instantiate(cfg.peft) if cfg.get("peft") else None
+    model = load_model(**cfg.model, peft=peft_config)
+    module = instantiate(cfg.module, _partial_=True)(model=model)
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=_instantiate_dict(cfg.get("callbacks")))
+    safe_config = redact(OmegaConf.to_container(cfg, resolve=True))
+    if logger:
+        trainer.logger.log_hyperparams({**safe_config, "choices": choices, "selection": stats})
+    summary: dict[str, Any] = {"choices": choices, "selector": selector.name, "ratio": cfg.ratio,
+                               "seed": cfg.seed, "selection": stats}
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+
+        # 5. the trained model, loadable by evaluate.py and any transformers code
+        model_dir = out / "model"
+        if trainer.is_global_zero:
+            module.model.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+        summary.update({
+            "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
+            "global_step": trainer.global_step,
+            "model_dir": str(model_dir.resolve()),
+            "selection_file": str(selection_file.resolve()),
+            "checkpoint_dir": str((out / "checkpoints").resolve()),
+            "wall_time_s": round(time.time() - t0, 1),
+        })
+        if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+            run = logger.experiment
+            run.summary.update({f"selection/{k}": v for k, v in stats.items()})
+            summary["wandb"] = {"mode": wandb_mode, "dir": str(Path(run.dir).parent.resolve()),
+                                "run_id": run.id}
+        atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
+        log.info("model saved to %s", model_dir.resolve())
+        if "wandb" in summary:
+            log.info("W&B run (%s) in %s%s", wandb_mode, summary["wandb"]["dir"],
+                     "; upload it with `wandb sync " + summary["wandb"]["dir"] + "`"
+                     if wandb_mode == "offline" else "")
+        log.info("summary in %s (%.0f s)", (out / "train_summary.json").resolve(),
+                 summary["wall_time_s"])
+    finally:
+        # Without this, the next job of a multirun logs into this job's W&B run.
+        import wandb
+
+        wandb.finish()
+    return summary

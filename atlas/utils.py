@@ -1,0 +1,68 @@
+"""Small shared helpers: package paths, atomic writes, secret redaction, W&B defaults."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+PKG_PREFIX = "pkg://"
+
+# Config keys whose values must never reach a saved config, a log or W&B.
+SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|token)$", re.IGNORECASE)
+# Values that look like provider keys, wherever they appear.
+SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,})")
+
+
+def resolve_path(path: str | Path) -> Path:
+    """Resolve ``pkg://atlas/<relative path>`` to a file shipped in the package; else a Path."""
+    s = str(path)
+    if s.startswith(PKG_PREFIX):
+        package, _, rel = s[len(PKG_PREFIX):].partition("/")
+        return Path(str(importlib.resources.files(package).joinpath(rel)))
+    return Path(s).expanduser()
+
+
+def atomic_write(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    A crash mid-write leaves the previous file (or none), never a truncated one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make results unreadable to others
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def redact(obj: Any) -> Any:
+    """A copy of a plain config (dicts/lists) with secrets replaced by ``"***"``."""
+    if isinstance(obj, dict):
+        return {k: ("***" if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return SECRET_VALUE.sub("***", obj)
+    return obj
+
+
+def wandb_offline_by_default() -> str:
+    """W&B runs offline unless the user chose a mode (WANDB_MODE) themselves."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return os.environ["WANDB_MODE"]

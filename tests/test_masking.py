@@ -1,0 +1,130 @@
+"""Per-step loss masks, token-exact on real chat-template families."""
+
+import random
+
+import pytest
+from transformers import AutoTokenizer
+
+from atlas.data import IGNORE_INDEX, MaskingError, Message, Trajectory, encode, read_trajectories
+from atlas.data.masking import StepOverflowError, tokenize_steps
+from conftest import FIXTURES, TOKENIZER
+
+# family -> (template file or None for the tokenizer's own, special tokens to add, bos, eot)
+FAMILIES = {
+    "chatml_smollm2": (None, [], None, "<|im_end|>"),
+    "qwen2_5": ("qwen2_5.jinja", [], None, "<|im_end|>"),
+    "llama3": ("llama3.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),
+    "gemma": ("gemma.jinja", ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<end_of_turn>"),
+    "phi3": ("phi3.jinja", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|end|>"),
+}
+
+
+def family_tokenizer(family):
+    """The shipped SmolLM2 tokenizer with a real template of another family and its specials."""
+    template, specials, bos, _ = FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    if template:
+        tok.chat_template = (FIXTURES / "chat_templates" / template).read_text()
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": specials})
+    if bos:
+        tok.bos_token = bos
+    return tok
+
+
+def supervised_runs(example, tokenizer):
+    """Decoded contiguous runs of supervised tokens."""
+    runs, cur = [], []
+    for tok_id, label in zip(example.input_ids, example.labels):
+        if label != IGNORE_INDEX:
+            assert label == tok_id
+            cur.append(tok_id)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    if cur:
+        runs.append(cur)
+    return [tokenizer.decode(r, skip_special_tokens=False) for r in runs]
+
+
+def real_trajectories(shared_data):
+    trajs = read_trajectories(shared_data / "fireact/multitask.jsonl")[:40]
+    trajs += read_trajectories(shared_data / "agentinstruct-sample/agenttuning_alfworld_sample_record0.json")
+    trajs.append(Trajectory("sys", "e", system="You are an agent. Answer with Thought and Action.",
+                            messages=trajs[0].messages))
+    return trajs
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_masks_are_token_exact(shared_data, family):
+    tok = family_tokenizer(family)
+    eot = FAMILIES[family][3]
+    rng = random.Random(0)
+    checked = 0
+    for t in real_trajectories(shared_data):
+        chosen = sorted(rng.sample(range(t.num_steps), rng.randint(1, t.num_steps)))
+        sel = t.with_selection(chosen)
+        ex = encode(sel, tok)
+        expected = [t.steps[k].message.content.strip() + eot for k in chosen]
+        assert supervised_runs(ex, tok) == expected, (family, t.id)
+        assert ex.selected_steps == chosen
+        # the tail after the last selected step is gone: the sequence ends on its end-of-turn
+        assert tok.convert_ids_to_tokens(ex.input_ids[-1]) == eot
+        assert ex.labels[-1] == ex.input_ids[-1]
+        # and what remains is a prefix of the full rendering
+        full = tokenize_steps(sel, tok)
+        assert full.input_ids[:len(ex.input_ids)] == ex.input_ids
+        checked += 1
+    assert checked == 42
+
+
+def test_step_is_found_after_an_observation_that_repeats_it(tokenizer):
+    """A step equal to earlier user text must be matched at its own turn, not the earlier one."""
+    t = Trajectory("r", "e", [Message("user", "Say: go north"), Message("assistant", "go north"),
+                              Message("user", "go north"), Message("assistant", "go north")])
+    ex = encode(t.with_selection([1]), tokenizer)
+    tok = tokenize_steps(t, tokenizer)
+    assert tok.step_spans[0][0] < tok.step_spans[1][0]
+    assert supervised_runs(ex, tokenizer) == ["go north<|im_end|>"]
+    assert ex.labels[tok.step_spans[0][0]:tok.step_spans[0][1]] == [IGNORE_INDEX] * (
+        tok.step_spans[0][1] - tok.step_spans[0][0])
+
+
+def _long_trajectory(n_steps=6):
+    msgs = []
+    for i in range(n_steps):
+        msgs += [Message("user", f"Observation {i}: " + "lorem ipsum " * 20),
+                 Message("assistant", f"Thought: step {i}.\nAction: act[{i}]")]
+    return Trajectory("long", "e", msgs)
+
+
+def test_max_length_never_cuts_a_selected_step(tokenizer):
+    t = _long_trajectory()
+    spans = tokenize_steps(t, tokenizer).step_spans
+    max_length = spans[3][1] + 2  # steps 0..3 fit, 4 and 5 do not
+    ex = encode(t.with_selection([1, 4, 5]), tokenizer, max_length=max_length)
+    assert ex.selected_steps == [1] and ex.dropped_steps == [4, 5]
+    assert len(ex.input_ids) == spans[1][1] <= max_length
+    with pytest.raises(StepOverflowError, match=r"selected steps \[4, 5\] end past max_length"):
+        encode(t.with_selection([1, 4, 5]), tokenizer, max_length=max_length, overflow="error")
+    with pytest.raises(StepOverflowError, match="all end past max_length"):
+        encode(t.with_selection([5]), tokenizer, max_length=max_length)
+    # a step that straddles the limit is dropped whole, never half-supervised
+    ex = encode(t.with_selection([3, 4]), tokenizer, max_length=spans[4][1] - 1)
+    assert ex.selected_steps == [3] and len(ex.input_ids) == spans[3][1]
+
+
+def test_no_supervised_token_is_an_error(tokenizer):
+    t = _long_trajectory(2).with_selection([])
+    with pytest.raises(MaskingError, match="no supervised token"):
+        encode(t, tokenizer)
+
+
+def test_template_that_rewrites_steps_is_an_error(tokenizer):
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n"
+                         "{% endfor %}")
+    t = Trajectory("u", "e", [Message("user", "q"), Message("assistant", "think")])
+    with pytest.raises(MaskingError, match="does not appear verbatim"):
+        encode(t, tok)

@@ -1,0 +1,20 @@
+"""Fine-tune an LLM agent on the selected steps of expert trajectories.
+
+    python train.py                                    # defaults: conf/train.yaml
+    python train.py selector=random ratio=0.3
+    python train.py -m selector=full,random ratio=0.1,0.3
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> None:
+    from atlas.training import train
+
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
