@@ -68,7 +68,10 @@ class AtlasLM(L.LightningModule):
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"module.loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
         self.model = model
-        self.save_hyperparameters(ignore=["model"])
+        # plain Python values: checkpoints load with torch's weights_only unpickler
+        self.save_hyperparameters({"lr": float(lr), "weight_decay": float(weight_decay),
+                                   "betas": tuple(float(b) for b in betas),
+                                   "warmup_ratio": float(warmup_ratio), "loss_average": loss_average})
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

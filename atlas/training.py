@@ -80,8 +80,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(d.loader, _partial_=True)(train=selection, val=val_t, tokenizer=tokenizer)
     datamodule.setup("fit")
     stats = dict(datamodule.stats)
-    log.info("selector=%s ratio=%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
-             selector.name, cfg.ratio, stats["train/supervised_steps"], stats["train/steps"],
+    log.info("selector=%s%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
+             selector.name, "" if selector.name == "full" else f" ratio={cfg.ratio}", stats["train/supervised_steps"], stats["train/steps"],
              100 * stats["train/supervised_step_fraction"], stats["train/supervised_tokens"],
              stats["train/tokens"])
 
@@ -97,6 +97,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     summary: dict[str, Any] = {"choices": choices, "selector": selector.name, "ratio": cfg.ratio,
                                "seed": cfg.seed, "selection": stats}
     try:
+        if cfg.get("validate_before_training") and datamodule.val_examples and not cfg.get("ckpt_path"):
+            [before] = trainer.validate(module, datamodule=datamodule, verbose=False)
+            summary["val_loss_before_training"] = before["val/loss"]
+            log.info("val/loss before training: %.4f", before["val/loss"])
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
 
         # 5. the trained model, loadable by evaluate.py and any transformers code
@@ -118,6 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["wandb"] = {"mode": wandb_mode, "dir": str(Path(run.dir).parent.resolve()),
                                 "run_id": run.id}
         atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
+        if "val_loss_before_training" in summary and "val/loss" in summary["metrics"]:
+            log.info("val/loss (every step of %d held-out trajectories): %.4f -> %.4f",
+                     len(val_t), summary["val_loss_before_training"], summary["metrics"]["val/loss"])
         log.info("model saved to %s", model_dir.resolve())
         if "wandb" in summary:
             log.info("W&B run (%s) in %s%s", wandb_mode, summary["wandb"]["dir"],

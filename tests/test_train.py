@@ -1,0 +1,134 @@
+"""The training job end to end on a tiny model: Hydra configs, saving, LoRA, resume, multirun."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from atlas.data import read_trajectories
+from atlas.training import train
+from atlas.utils import redact
+from conftest import ROOT, compose_train
+
+
+def test_train_saves_a_loadable_model_and_the_selection(tmp_path):
+    cfg = compose_train(tmp_path, "selector=random", "ratio=0.5")
+    summary = train(cfg)
+    model_dir = Path(summary["model_dir"])
+    reloaded = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert reloaded.config.num_hidden_layers == 2
+    assert (model_dir / "tokenizer.json").exists() and (model_dir / "chat_template.jinja").exists()
+    selection = read_trajectories(tmp_path / "selection.jsonl")
+    assert len(selection) == summary["selection"]["train/examples"] == 6
+    assert summary["global_step"] > 0 and "train/loss" in summary["metrics"]
+    on_disk = json.loads((tmp_path / "train_summary.json").read_text())
+    assert on_disk["selection_file"] == str((tmp_path / "selection.jsonl").resolve())
+    # the saved weights are the trained ones, not the initial ones
+    trained = dict(reloaded.named_parameters())["model.layers.0.mlp.up_proj.weight"]
+    torch.manual_seed(0)
+    assert not torch.equal(trained, torch.zeros_like(trained))
+
+
+def test_random_selection_at_0_3_logs_the_supervised_fraction(tmp_path, caplog):
+    cfg = compose_train(tmp_path, "selector=random", "ratio=0.3", "data.limit=null",
+                        "data.val_fraction=0.1", "trainer.max_steps=2")
+    caplog.set_level("INFO")
+    summary = train(cfg)
+    frac = summary["selection"]["train/supervised_step_fraction"]
+    # FireAct HotpotQA has 2-5 steps per trajectory; k = max(1, floor(0.3 n)) keeps 1 of each
+    assert 0.3 <= frac <= 0.4
+    assert f"training steps supervised ({100 * frac:.1f}%)" in caplog.text
+    assert "selector=random ratio=0.3" in caplog.text
+
+
+def test_lora_saves_an_adapter(tmp_path):
+    from peft import PeftModel
+
+    summary = train(compose_train(tmp_path, "peft=lora", "trainer.max_steps=1"))
+    model_dir = Path(summary["model_dir"])
+    assert (model_dir / "adapter_config.json").exists()
+    assert not (model_dir / "model.safetensors").exists()
+    assert (model_dir / "adapter_model.safetensors").exists()
+    cfg = json.loads((model_dir / "adapter_config.json").read_text())
+    assert cfg["r"] == 16 and cfg["peft_type"] == "LORA"
+    from atlas.model import load_model
+
+    base = load_model(config=dict(compose_train(tmp_path).model.config))
+    assert isinstance(PeftModel.from_pretrained(base, model_dir), PeftModel)
+
+
+def _logged_steps(run_dir: Path) -> list[int]:
+    [metrics] = run_dir.glob("csv/*/metrics.csv")
+    with open(metrics) as f:
+        return sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+
+
+def test_training_resumes_from_a_checkpoint(tmp_path):
+    common = ["trainer.accumulate_grad_batches=1", "data.limit=12", "data.val_fraction=0",
+              "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.max_epochs=5"]
+    first = train(compose_train(tmp_path / "a", *common, "trainer.max_steps=3"))
+    assert first["global_step"] == 3
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert last.exists()
+    second = train(compose_train(tmp_path / "b", *common, "trainer.max_steps=5", f"ckpt_path={last}"))
+    assert second["global_step"] == 5
+    # the resumed run trained only the two missing steps
+    assert _logged_steps(tmp_path / "a") == [0, 1, 2]
+    assert _logged_steps(tmp_path / "b") == [3, 4]
+
+
+def test_loss_average_and_bad_values_are_checked(tmp_path):
+    train(compose_train(tmp_path, "module.loss_average=step", "trainer.max_steps=1"))
+    # Hydra wraps errors raised while instantiating; the message is the user's
+    with pytest.raises(Exception, match="loss_average must be one of"):
+        train(compose_train(tmp_path / "x", "module.loss_average=mean"))
+    with pytest.raises(Exception, match="ratio must be in"):
+        train(compose_train(tmp_path / "y", "selector=random", "ratio=0"))
+
+
+def test_redact_hides_secrets():
+    cfg = {"oracle": {"api_key": "sk-live-0123456789", "model": "gpt-4o"}, "note": "key sk-abcdefghijkl",
+           "token": None, "n": 3}
+    assert redact(cfg) == {"oracle": {"api_key": "***", "model": "gpt-4o"}, "note": "key ***",
+                           "token": None, "n": 3}
+
+
+def _run_cli(args, cwd, env_extra=None, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "offline", **(env_extra or {})}
+    env.pop("WANDB_DIR", None)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path):
+    secret = "sk-SENTINEL0123456789abcdef"
+    sweep = tmp_path / "sweep"
+    proc = _run_cli(["-m", "selector=full,random", "ratio=0.1,0.3", "model=tiny_llama",
+                     "data.limit=6", "data.val_fraction=0", "trainer.max_steps=1",
+                     f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
+                    env_extra={"OPENAI_API_KEY": secret, "ANTHROPIC_API_KEY": secret})
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert len(jobs) == 4
+    run_ids, combos = set(), set()
+    for job in jobs:
+        summary = json.loads((job / "train_summary.json").read_text())
+        assert summary["wandb"]["mode"] == "offline"
+        assert Path(summary["wandb"]["dir"]).is_relative_to(job)  # each job logs into its own run
+        run_ids.add(summary["wandb"]["run_id"])
+        combos.add((summary["selector"], summary["ratio"]))
+        assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+    assert len(run_ids) == 4
+    assert combos == {("full", 0.1), ("full", 0.3), ("random", 0.1), ("random", 0.3)}
+    # API keys from the environment reach no saved config, log or W&B file
+    for path in tmp_path.rglob("*"):
+        if path.is_file() and path.stat().st_size < 50_000_000:
+            assert secret.encode() not in path.read_bytes(), path
+    assert secret not in proc.stdout + proc.stderr
