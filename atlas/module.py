@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -72,6 +74,7 @@ class AtlasLM(L.LightningModule):
         self.save_hyperparameters({"lr": float(lr), "weight_decay": float(weight_decay),
                                    "betas": tuple(float(b) for b in betas),
                                    "warmup_ratio": float(warmup_ratio), "loss_average": loss_average})
+        self._total_steps: int | None = None
 
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -96,9 +99,23 @@ class AtlasLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         return self._shared_step(batch, "val")
 
-    def configure_optimizers(self):
-        from transformers import get_cosine_schedule_with_warmup
+    def on_train_start(self):
+        # Read here, not in configure_optimizers: asking Lightning for it there builds the train
+        # dataloader before a checkpoint's dataloader state is restored, and a mid-epoch resume
+        # would then replay the epoch from its start.
+        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
 
+    def lr_factor(self, step: int) -> float:
+        """Linear warmup over ``warmup_ratio`` of the optimizer steps, then cosine decay to 0."""
+        if self._total_steps is None:  # only when the scheduler is built, before training
+            return 0.0 if self.hparams.warmup_ratio > 0 else 1.0
+        warmup = int(self.hparams.warmup_ratio * self._total_steps)
+        if step < warmup:
+            return step / warmup
+        progress = min(1.0, (step - warmup) / max(1, self._total_steps - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    def configure_optimizers(self):
         decay, no_decay = [], []
         for name, p in self.model.named_parameters():
             if p.requires_grad:
@@ -107,6 +124,5 @@ class AtlasLM(L.LightningModule):
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(hp.warmup_ratio * total), total)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -63,24 +63,29 @@ def test_lora_saves_an_adapter(tmp_path):
     assert isinstance(PeftModel.from_pretrained(base, model_dir), PeftModel)
 
 
-def _logged_steps(run_dir: Path) -> list[int]:
+def _logged_losses(run_dir: Path) -> dict[int, float]:
     [metrics] = run_dir.glob("csv/*/metrics.csv")
     with open(metrics) as f:
-        return sorted({int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")})
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def test_training_resumes_from_a_checkpoint(tmp_path):
+def test_training_resumes_mid_epoch_exactly_where_it_stopped(tmp_path):
+    """Resumed from its step-3 checkpoint, a run sees the same batches with the same weights
+    as the uninterrupted run: its step losses match."""
     common = ["trainer.accumulate_grad_batches=1", "data.limit=12", "data.val_fraction=0",
-              "callbacks.model_checkpoint.every_n_train_steps=1", "trainer.max_epochs=5"]
-    first = train(compose_train(tmp_path / "a", *common, "trainer.max_steps=3"))
-    assert first["global_step"] == 3
-    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    assert last.exists()
-    second = train(compose_train(tmp_path / "b", *common, "trainer.max_steps=5", f"ckpt_path={last}"))
-    assert second["global_step"] == 5
-    # the resumed run trained only the two missing steps
-    assert _logged_steps(tmp_path / "a") == [0, 1, 2]
-    assert _logged_steps(tmp_path / "b") == [3, 4]
+              "trainer.max_epochs=1", "trainer.max_steps=6", "module.lr=1e-2",
+              "validate_before_training=false"]
+    whole = train(compose_train(tmp_path / "whole", *common, "callbacks.model_checkpoint.save_top_k=-1",
+                                "callbacks.model_checkpoint.every_n_train_steps=1"))
+    assert whole["global_step"] == 6
+    step3 = tmp_path / "whole" / "checkpoints" / "step3.ckpt"
+    assert step3.exists() and (tmp_path / "whole" / "checkpoints" / "last.ckpt").exists()
+    resumed = train(compose_train(tmp_path / "b", *common, f"ckpt_path={step3}"))
+    assert resumed["global_step"] == 6
+    expected = _logged_losses(tmp_path / "whole")
+    assert sorted(expected) == list(range(6))
+    # the resumed run trains only the three missing steps, on the batches the whole run saw
+    assert _logged_losses(tmp_path / "b") == pytest.approx({k: expected[k] for k in range(3, 6)}, abs=1e-4)
 
 
 def test_loss_average_and_bad_values_are_checked(tmp_path):
@@ -132,3 +137,16 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path)
         if path.is_file() and path.stat().st_size < 50_000_000:
             assert secret.encode() not in path.read_bytes(), path
     assert secret not in proc.stdout + proc.stderr
+
+
+def test_lr_schedule_is_transformers_cosine_with_warmup():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from atlas.module import AtlasLM
+
+    module = AtlasLM(torch.nn.Linear(2, 2), warmup_ratio=0.1)
+    module._total_steps = 50
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_cosine_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=50)
+    for step in range(51):
+        assert module.lr_factor(step) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-9)

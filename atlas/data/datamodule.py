@@ -11,6 +11,7 @@ from typing import Iterable, Sequence
 import lightning as L
 import torch
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from atlas.data.formats import read_trajectories
 from atlas.data.masking import IGNORE_INDEX, Example, MaskingError, StepOverflowError, encode
@@ -145,7 +146,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         })
 
     def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
-        return DataLoader(examples, batch_size=self.batch_size, shuffle=shuffle,
+        # Stateful: a checkpoint taken mid-epoch resumes at the next unseen batch of the same
+        # shuffled order, instead of replaying the epoch from its start.
+        return StatefulDataLoader(examples, batch_size=self.batch_size, shuffle=shuffle,
                           num_workers=self.num_workers,
                           collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id))
 
