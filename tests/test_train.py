@@ -150,3 +150,20 @@ def test_lr_schedule_is_transformers_cosine_with_warmup():
     reference = get_cosine_schedule_with_warmup(opt, num_warmup_steps=5, num_training_steps=50)
     for step in range(51):
         assert module.lr_factor(step) == pytest.approx(reference.lr_lambdas[0](step), abs=1e-9)
+
+
+@pytest.mark.parametrize("trainer,strategy", [("cpu", "SingleDeviceStrategy"), ("gpu", "SingleDeviceStrategy"),
+                                              ("ddp", "DDPStrategy"), ("fsdp", None)])
+def test_trainer_configs_build(tmp_path, trainer, strategy):
+    from hydra.utils import instantiate
+
+    if strategy is None:  # Lightning builds FSDP only on a GPU: check what the config asks for
+        cfg = compose_train(tmp_path, f"trainer={trainer}")
+        assert (cfg.trainer.strategy, cfg.trainer.accelerator, cfg.trainer.precision) == (
+            "fsdp", "gpu", "bf16-mixed")
+        return
+    overrides = [f"trainer={trainer}"]
+    if trainer != "cpu":  # no GPU here: build the same strategy on the CPU
+        overrides += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
+    cfg = compose_train(tmp_path, *overrides)
+    assert type(instantiate(cfg.trainer, logger=False).strategy).__name__ == strategy
