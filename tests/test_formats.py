@@ -96,7 +96,7 @@ def test_sharegpt_warns_that_it_cannot_hold_a_selection(tmp_path, caplog):
     ('{"messages": [{"role": "user", "content": 3}]}', "messages[0].content", "expected str"),
     ('{"messages": [{"role": "user", "content": "q"}]}', None, "at least one assistant turn"),
     ('{"conversations": [{"from": "human", "value": "q", "loss": null}, {"from": "bot", "value": "x", "loss": true}], "id": "a_1"}',
-     "conversations[1].from", "expected 'human' or 'gpt'"),
+     "conversations[1].from", "expected one of ['gpt', 'human'], got 'bot'"),
     ('{"conversations": [{"from": "human", "value": "q", "loss": null}, {"from": "gpt", "value": "x", "loss": "yes"}], "id": "a_1"}',
      "conversations[1].loss", "expected bool"),
     ('{"id": "t", "env": "e", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "x", "selected": "no"}]}',

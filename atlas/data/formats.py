@@ -68,6 +68,32 @@ def _opt(record: dict, key: str, types: type | tuple, default: Any = None, field
     return _req(record, key, types, field)
 
 
+def _objects(record: dict, key: str):
+    """Yield (index, field name, object) for a list-of-objects field."""
+    for i, item in enumerate(_req(record, key, list)):
+        field = f"{key}[{i}]"
+        if not isinstance(item, dict):
+            raise _FieldError(field, "expected an object")
+        yield i, field, item
+
+
+def _conversations(record: dict, roles: dict[str, str], with_loss: bool,
+                   system: str | None = None) -> tuple[str | None, list[Message]]:
+    """The system prompt and messages of a ``conversations: [{"from", "value"}]`` record."""
+    messages = []
+    for i, f, turn in _objects(record, "conversations"):
+        who = _req(turn, "from", str, f + ".from")
+        value = _req(turn, "value", str, f + ".value")
+        loss = _opt(turn, "loss", bool, field=f + ".loss") if with_loss else None
+        if who == "system" and i == 0 and system is None:
+            system = value
+            continue
+        if who not in roles:
+            raise _FieldError(f + ".from", f"expected one of {sorted(roles)}, got {who!r}")
+        messages.append(_message(roles[who], value, True if loss is None else loss, f))
+    return system, messages
+
+
 def _message(role: str, content: str, selected: bool | None, field: str, **extra) -> Message:
     try:
         return Message(role=role, content=content,
@@ -88,10 +114,7 @@ def _trajectory(**kwargs) -> Trajectory:
 
 def _from_atlas(rec: dict, ctx: dict) -> Trajectory:
     messages = []
-    for i, m in enumerate(_req(rec, "messages", list)):
-        f = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _FieldError(f, "expected an object")
+    for _, f, m in _objects(rec, "messages"):
         messages.append(_message(
             _req(m, "role", str, f + ".role"), _req(m, "content", str, f + ".content"),
             _opt(m, "selected", bool, field=f + ".selected"), f + ".role",
@@ -124,20 +147,7 @@ _GYM_ROLES = {"human": "user", "gpt": "assistant"}
 def _from_agentgym(rec: dict, ctx: dict) -> Trajectory:
     id_key = "item_id" if "item_id" in rec else "id"
     tid = str(_req(rec, id_key, (str, int)))
-    system, messages = None, []
-    for i, turn in enumerate(_req(rec, "conversations", list)):
-        f = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise _FieldError(f, "expected an object")
-        who = _req(turn, "from", str, f + ".from")
-        value = _req(turn, "value", str, f + ".value")
-        loss = _opt(turn, "loss", bool, field=f + ".loss")
-        if who == "system" and i == 0:
-            system = value
-            continue
-        if who not in _GYM_ROLES:
-            raise _FieldError(f + ".from", f"expected 'human' or 'gpt', got {who!r}")
-        messages.append(_message(_GYM_ROLES[who], value, True if loss is None else loss, f))
+    system, messages = _conversations(rec, _GYM_ROLES, with_loss=True)
     env = ctx["env"] or (tid.rsplit("_", 1)[0] if "_" in tid else ctx["stem"])
     return _trajectory(id=tid, env=env, messages=messages, system=system,
                        meta={"id_key": id_key} if id_key != "id" else {})
@@ -157,10 +167,7 @@ def _to_agentgym(t: Trajectory) -> dict:
 
 def _from_openai(rec: dict, ctx: dict) -> Trajectory:
     system, messages = None, []
-    for i, m in enumerate(_req(rec, "messages", list)):
-        f = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise _FieldError(f, "expected an object")
+    for i, f, m in _objects(rec, "messages"):
         role = _req(m, "role", str, f + ".role")
         content = _req(m, "content", str, f + ".content")
         weight = _opt(m, "weight", int, field=f + ".weight")
@@ -191,19 +198,8 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "observation": "user",
 
 
 def _from_sharegpt(rec: dict, ctx: dict) -> Trajectory:
-    system, messages = _opt(rec, "system", str), []
-    for i, turn in enumerate(_req(rec, "conversations", list)):
-        f = f"conversations[{i}]"
-        if not isinstance(turn, dict):
-            raise _FieldError(f, "expected an object")
-        who = _req(turn, "from", str, f + ".from")
-        value = _req(turn, "value", str, f + ".value")
-        if who == "system" and i == 0 and system is None:
-            system = value
-            continue
-        if who not in _SHAREGPT_ROLES:
-            raise _FieldError(f + ".from", f"expected one of {sorted(_SHAREGPT_ROLES)}, got {who!r}")
-        messages.append(_message(_SHAREGPT_ROLES[who], value, True, f))
+    system, messages = _conversations(rec, _SHAREGPT_ROLES, with_loss=False,
+                                      system=_opt(rec, "system", str))
     tid = _opt(rec, "id", (str, int))
     return _trajectory(id=str(tid) if tid is not None else f"{ctx['stem']}-{ctx['index']}",
                        env=ctx["env"] or ctx["stem"], messages=messages, system=system)
