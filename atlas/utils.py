@@ -61,6 +61,21 @@ def redact(obj: Any) -> Any:
     return obj
 
 
+def secret_overrides(argv: list[str]) -> list[str]:
+    """Command-line overrides that carry a secret (``oracle.api_key=...`` or an ``sk-...`` value).
+
+    Hydra writes every override to ``.hydra/overrides.yaml`` before the job starts, so the entry
+    points refuse these before Hydra sees them; keys belong in environment variables.
+    """
+    bad = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and ((SECRET_KEY.search(key.split(".")[-1].lstrip("+~")) and value not in ("", "null"))
+                   or SECRET_VALUE.search(value)):
+            bad.append(key)
+    return bad
+
+
 def wandb_offline_by_default() -> str:
     """W&B runs offline unless the user chose a mode (WANDB_MODE) themselves."""
     os.environ.setdefault("WANDB_MODE", "offline")

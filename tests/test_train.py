@@ -119,7 +119,8 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path)
     proc = _run_cli(["-m", "selector=full,random", "ratio=0.1,0.3", "model=tiny_llama",
                      "data.limit=6", "data.val_fraction=0", "trainer.max_steps=1",
                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
-                    env_extra={"OPENAI_API_KEY": secret, "ANTHROPIC_API_KEY": secret})
+                    env_extra={"OPENAI_API_KEY": secret, "ANTHROPIC_API_KEY": secret,
+                               "WANDB_API_KEY": secret})
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert len(jobs) == 4
     run_ids, combos = set(), set()
@@ -167,3 +168,12 @@ def test_trainer_configs_build(tmp_path, trainer, strategy):
         overrides += ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.precision=32-true"]
     cfg = compose_train(tmp_path, *overrides)
     assert type(instantiate(cfg.trainer, logger=False).strategy).__name__ == strategy
+
+
+@pytest.mark.parametrize("override", ["+oracle.api_key=abc123", "+note=sk-abcdefghijklmnop"])
+def test_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_path, override):
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "model=tiny_llama", override],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "refusing to start" in proc.stderr and "environment" in proc.stderr
+    assert not (tmp_path / "logs").exists()
