@@ -84,8 +84,8 @@ class AtlasLM(L.LightningModule):
         loss, n_tok, n_steps = masked_nll(logits, batch["labels"], batch["step_ids"],
                                           self.hparams.loss_average)
         bs = batch["input_ids"].shape[0]
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs,
-                 on_step=split == "train", on_epoch=split != "train")
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs, on_step=split == "train",
+                 on_epoch=split != "train", sync_dist=split != "train")
         if split == "train":
             self.log_dict({"train/supervised_tokens": float(n_tok),
                            "train/supervised_steps": float(n_steps),
@@ -103,7 +103,14 @@ class AtlasLM(L.LightningModule):
         # Read here, not in configure_optimizers: asking Lightning for it there builds the train
         # dataloader before a checkpoint's dataloader state is restored, and a mid-epoch resume
         # would then replay the epoch from its start.
-        self._total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        total = self.trainer.estimated_stepping_batches
+        if total == float("inf"):
+            raise ValueError("training has no end: set trainer.max_epochs or trainer.max_steps")
+        self._total_steps = max(1, int(total))
+        # LambdaLR applied lr_factor(0) when it was built, before the total was known
+        scheduler = self.lr_schedulers()
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base * self.lr_factor(scheduler.last_epoch)
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup over ``warmup_ratio`` of the optimizer steps, then cosine decay to 0."""

@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from atlas.data.datamodule import load_trajectories, split_trajectories
@@ -72,7 +73,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # 2. selection (selector + ratio)
     selector = instantiate(cfg.selector)
     selection = selector.select(train_t)
-    selection_file = write_trajectories(out / "selection.jsonl", selection)
+    selection_file = out / "selection.jsonl"
+    if rank_zero_only.rank == 0:  # DDP children run this function too
+        write_trajectories(selection_file, selection)
 
     # 3. masked examples (chat template, labels only on the selected steps)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
@@ -105,18 +108,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
         # 5. the trained model, loadable by evaluate.py and any transformers code
         model_dir = out / "model"
+        # every rank takes part: under FSDP this gathers the sharded weights
+        state = trainer.strategy.lightning_module_state_dict()
         if trainer.is_global_zero:
-            module.model.save_pretrained(model_dir)
+            prefix = "model."
+            module.model.save_pretrained(
+                model_dir, state_dict={k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
             tokenizer.save_pretrained(model_dir)
         summary.update({
             "metrics": {k: float(v) for k, v in trainer.callback_metrics.items()},
             "global_step": trainer.global_step,
             "model_dir": str(model_dir.resolve()),
             "selection_file": str(selection_file.resolve()),
-            "checkpoint_dir": str((out / "checkpoints").resolve()),
             "wall_time_s": round(time.time() - t0, 1),
         })
-        if logger and hasattr(logger, "experiment") and type(logger).__name__ == "WandbLogger":
+        if (out / "checkpoints").is_dir():
+            summary["checkpoint_dir"] = str((out / "checkpoints").resolve())
+        if not trainer.is_global_zero:
+            return summary
+        if logger and type(logger).__name__ == "WandbLogger":
             run = logger.experiment
             run.summary.update({f"selection/{k}": v for k, v in stats.items()})
             summary["wandb"] = {"mode": wandb_mode, "dir": str(Path(run.dir).parent.resolve()),

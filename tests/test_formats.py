@@ -162,6 +162,29 @@ def test_write_is_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["sel.jsonl"]
 
 
+def test_crash_while_writing_the_file_leaves_the_old_one(tmp_path, monkeypatch):
+    path = tmp_path / "sel.jsonl"
+    t = Trajectory("a", "e", [Message("user", "q"), Message("assistant", "x")])
+    write_trajectories(path, [t])
+    before = path.read_bytes()
+
+    def crash(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
+        write_trajectories(path, [t, t.with_selection([])])
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["sel.jsonl"]
+
+
+def test_byte_order_mark_is_tolerated(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}).encode())
+    assert read_trajectories(path)[0].messages[1].content == "a"
+
+
 def test_packaged_default_data_reads(tmp_path):
     trajs = read_trajectories("pkg://atlas/data/default/fireact_hotpotqa.jsonl")
     assert len(trajs) == 100 and trajs[0].env == "fireact_hotpotqa"

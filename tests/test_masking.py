@@ -1,5 +1,7 @@
 """Per-step loss masks, token-exact on real chat-template families."""
 
+import dataclasses
+import json
 import random
 
 import pytest
@@ -128,3 +130,43 @@ def test_template_that_rewrites_steps_is_an_error(tokenizer):
     t = Trajectory("u", "e", [Message("user", "q"), Message("assistant", "think")])
     with pytest.raises(MaskingError, match="does not appear verbatim"):
         encode(t, tok)
+
+
+def test_template_refusal_names_the_trajectory_and_its_source(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "q"},
+                                             {"role": "user", "content": "q2"},
+                                             {"role": "assistant", "content": "a"}]}) + "\n")
+    [t] = read_trajectories(path)
+    with pytest.raises(MaskingError, match=r"trajectory t-0 \(t.jsonl:1\): the chat template refuses"
+                                           r".*roles must alternate"):
+        encode(t, family_tokenizer("gemma"))
+
+
+def test_datamodule_reports_and_leaves_out_what_cannot_be_supervised(tokenizer, caplog):
+    from atlas.data.datamodule import TrajectoryDataModule
+
+    long = _long_trajectory()
+    spans = tokenize_steps(long, tokenizer).step_spans
+    limit = spans[2][1]
+    fine = long.with_selection([0, 1])
+    partly = dataclasses.replace(long.with_selection([1, 4]), id="partly")
+    lost = dataclasses.replace(long.with_selection([5]), id="lost")
+    empty = dataclasses.replace(long.with_selection([]), id="empty")
+    dm = TrajectoryDataModule([fine, partly, lost, empty], [long], tokenizer, max_length=limit)
+    dm.setup()
+    assert [e.trajectory_id for e in dm.train_examples] == ["long", "partly"]
+    assert dm.stats["train/trajectories_skipped"] == 2
+    assert dm.stats["train/steps_dropped_max_length"] == 2  # step 4 of "partly", step 5 of "lost"
+    assert dm.stats["train/supervised_steps"] == 3
+    assert "1 trajectories have no selected step" in caplog.text
+    assert "1 trajectories lost every selected step" in caplog.text
+    # validation scores every candidate step that fits
+    assert dm.val_examples[0].selected_steps == [0, 1, 2]
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "step_ids"}
+    strict = TrajectoryDataModule([partly], [], tokenizer, max_length=limit, overflow="error")
+    with pytest.raises(StepOverflowError, match="partly"):
+        strict.setup()
+    with pytest.raises(MaskingError, match="no example has a supervised token"):
+        TrajectoryDataModule([empty], [], tokenizer).setup()

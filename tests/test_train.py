@@ -29,10 +29,19 @@ def test_train_saves_a_loadable_model_and_the_selection(tmp_path):
     assert summary["global_step"] > 0 and "train/loss" in summary["metrics"]
     on_disk = json.loads((tmp_path / "train_summary.json").read_text())
     assert on_disk["selection_file"] == str((tmp_path / "selection.jsonl").resolve())
-    # the saved weights are the trained ones, not the initial ones
-    trained = dict(reloaded.named_parameters())["model.layers.0.mlp.up_proj.weight"]
-    torch.manual_seed(0)
-    assert not torch.equal(trained, torch.zeros_like(trained))
+    # the saved weights are the trained ones: train() seeds, then builds the model, so the same
+    # seed rebuilds its initial weights
+    import lightning as L
+
+    from atlas.model import load_model
+
+    L.seed_everything(cfg.seed)
+    initial = load_model(**cfg.model)
+    assert torch.equal(initial.model.norm.weight, torch.ones_like(initial.model.norm.weight))
+    name = "model.layers.0.mlp.up_proj.weight"
+    trained, init = dict(reloaded.named_parameters())[name], dict(initial.named_parameters())[name]
+    assert not torch.equal(trained, init)
+    assert (trained - init).abs().max() < 0.1  # a few small steps from that init, not another one
 
 
 def test_random_selection_at_0_3_logs_the_supervised_fraction(tmp_path, caplog):
@@ -177,3 +186,23 @@ def test_secret_on_the_command_line_is_refused_before_anything_is_written(tmp_pa
     assert proc.returncode != 0
     assert "refusing to start" in proc.stderr and "environment" in proc.stderr
     assert not (tmp_path / "logs").exists()
+
+
+def test_first_step_uses_the_full_lr_without_warmup(tmp_path):
+    train(compose_train(tmp_path, "module.warmup_ratio=0", "module.lr=0.001", "trainer.max_steps=2",
+                        "trainer.accumulate_grad_batches=1"))
+    [metrics] = tmp_path.glob("csv/*/metrics.csv")
+    with open(metrics) as f:
+        lrs = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
+    assert lrs[0] == pytest.approx(0.001)  # not 0: the schedule is sized before the first step
+    assert lrs[1] == pytest.approx(0.0005)  # cosine over 2 steps
+
+
+def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
+    _run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
+              "model=tiny_llama", "data.limit=8", "logger=wandb"], cwd=tmp_path)
+    [run] = (tmp_path / "logs" / "train" / "runs").iterdir()  # the second rank reuses the run dir
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["global_step"] > 0 and summary["wandb"]["mode"] == "offline"
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    assert AutoModelForCausalLM.from_pretrained(run / "model").config.num_hidden_layers == 2

@@ -33,7 +33,7 @@ def load_trajectories(files: Sequence[str], format: str = "auto", env: str | Non
     dup = [i for i, n in Counter(t.id for t in out).items() if n > 1]
     if dup:
         raise ValueError(f"trajectory ids repeat across data.files: {dup[:5]}")
-    return out[:limit] if limit else out
+    return out if limit is None else out[:limit]
 
 
 def split_trajectories(trajectories: Sequence[Trajectory], val_fraction: float
@@ -70,12 +70,13 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
 class TrajectoryDataModule(L.LightningDataModule):
     """Masked examples of the selected training trajectories, and validation examples.
 
-    Validation examples supervise *every* step of the held-out trajectories, whatever the
-    selector, so ``val/loss`` is comparable across selectors and ratios.
+    Validation examples supervise every candidate step of the held-out trajectories (every step
+    the source file marks trainable), whatever the selector, so ``val/loss`` is comparable across
+    selectors and ratios.
 
     Args:
         train: Training trajectories, with the selection applied.
-        val: Validation trajectories (all steps are scored).
+        val: Validation trajectories as read (all their candidate steps are scored).
         tokenizer: Tokenizer with the model's chat template.
         max_length: Longest sequence; see :func:`atlas.data.masking.encode` for ``overflow``.
         overflow: ``drop_steps`` or ``error``.
@@ -115,9 +116,11 @@ class TrajectoryDataModule(L.LightningDataModule):
             log.warning("%s: %d trajectories have no selected step and are left out (e.g. %s)",
                         split, len(unselected), unselected[:3])
         if dropped_steps:
-            log.warning("%s: %d selected steps end past max_length=%s and are not supervised; "
-                        "%d trajectories lost every selected step (e.g. %s)", split,
-                        dropped_steps, self.max_length, len(overflowed), overflowed[:3])
+            log.warning("%s: %d selected steps end past max_length=%s and are not supervised",
+                        split, dropped_steps, self.max_length)
+        if overflowed:
+            log.warning("%s: %d trajectories lost every selected step to max_length and are left "
+                        "out (e.g. %s)", split, len(overflowed), overflowed[:3])
         if not examples:
             raise MaskingError(f"{split}: no example has a supervised token "
                                f"({len(trajectories)} trajectories)")
@@ -129,9 +132,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         if self.train_examples is not None:
             return
         self.train_examples = self._encode_all(self.train_trajectories, "train")
-        if self.val_trajectories:
-            self.val_examples = self._encode_all(
-                [t.with_selection(range(t.num_steps)) for t in self.val_trajectories], "val")
+        if self.val_trajectories:  # as read: every candidate step of the source is scored
+            self.val_examples = self._encode_all(self.val_trajectories, "val")
         ex = self.train_examples
         n_steps = sum(t.num_steps for t in self.train_trajectories)
         n_sel = sum(len(e.selected_steps) for e in ex)

@@ -235,7 +235,7 @@ def detect_format(record: dict) -> str:
 
 def _records(path: Path) -> Iterable[tuple[str, int, Any]]:
     """Yield (location, index, record) from a JSONL file or a JSON array file."""
-    text = path.read_text(encoding="utf-8")
+    text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)

@@ -90,12 +90,21 @@ def render(trajectory: Trajectory, tokenizer) -> str:
     """
     chat = trajectory.chat()
     try:
-        return tokenizer.apply_chat_template(chat, tokenize=False)
-    except TemplateError:
-        if chat[0]["role"] != "system" or len(chat) < 2 or chat[1]["role"] != "user":
-            raise
-        folded = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}]
-        return tokenizer.apply_chat_template(folded + chat[2:], tokenize=False)
+        try:
+            return tokenizer.apply_chat_template(chat, tokenize=False)
+        except TemplateError:
+            if chat[0]["role"] != "system" or len(chat) < 2 or chat[1]["role"] != "user":
+                raise
+            folded = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}]
+            return tokenizer.apply_chat_template(folded + chat[2:], tokenize=False)
+    except TemplateError as e:
+        raise MaskingError(f"{_name(trajectory)}: the chat template refuses this conversation: "
+                           f"{e}") from None
+
+
+def _name(trajectory: Trajectory) -> str:
+    source = trajectory.meta.get("source")
+    return f"trajectory {trajectory.id}" + (f" ({source})" if source else "")
 
 
 def special_token_ids(tokenizer) -> set[int]:
@@ -112,15 +121,14 @@ def tokenize_steps(trajectory: Trajectory, tokenizer) -> TokenizedTrajectory:
     char_spans: list[tuple[int, int]] = []
     cursor = 0
     for i, m in enumerate(trajectory.messages):
-        content = m.content
-        pos = text.find(content, cursor)
-        if pos < 0 and content.strip() != content:  # templates that trim (Llama-3, Gemma)
-            content = content.strip()
-            pos = text.find(content, cursor)
+        # templates that trim (Llama-3, Gemma) render the stripped content: take whichever
+        # form occurs first, so neither matches a later turn's text
+        found = [(text.find(c, cursor), c) for c in {m.content, m.content.strip()}]
+        pos, content = min(((p, c) for p, c in found if p >= 0), default=(-1, m.content))
         if pos < 0:
             if m.role == "assistant":
                 raise MaskingError(
-                    f"trajectory {trajectory.id}: step {len(char_spans)} (message {i}) does not "
+                    f"{_name(trajectory)}: step {len(char_spans)} (message {i}) does not "
                     f"appear verbatim in the chat template's output; the template rewrites "
                     f"assistant turns, so its tokens cannot be located")
             continue  # a template may drop or rewrite a user turn; steps still match in order
@@ -135,7 +143,7 @@ def tokenize_steps(trajectory: Trajectory, tokenizer) -> TokenizedTrajectory:
     for k, (s, e) in enumerate(char_spans):
         toks = [j for j, (a, b) in enumerate(offsets) if a < e and b > s and b > a]
         if not toks:
-            raise MaskingError(f"trajectory {trajectory.id}: step {k} has no tokens")
+            raise MaskingError(f"{_name(trajectory)}: step {k} has no tokens")
         start, end = toks[0], toks[-1] + 1
         if end < len(ids) and ids[end] in specials:
             end += 1  # the end-of-turn token: supervising it teaches the model to stop
@@ -168,14 +176,14 @@ def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
         dropped = [k for k in selected if tok.step_spans[k][1] > max_length]
         if dropped and overflow == "error":
             raise StepOverflowError(
-                f"trajectory {trajectory.id}: selected steps {dropped} end past max_length="
+                f"{_name(trajectory)}: selected steps {dropped} end past max_length="
                 f"{max_length} (step {dropped[0]} ends at token {tok.step_spans[dropped[0]][1]})")
         selected = [k for k in selected if k not in dropped]
     if not selected:
         if dropped:
-            raise StepOverflowError(f"trajectory {trajectory.id}: no supervised token: its "
+            raise StepOverflowError(f"{_name(trajectory)}: no supervised token: its "
                                     f"selected steps {dropped} all end past max_length={max_length}")
-        raise MaskingError(f"trajectory {trajectory.id}: no supervised token: no selected step")
+        raise MaskingError(f"{_name(trajectory)}: no supervised token: no selected step")
 
     end = max(tok.step_spans[k][1] for k in selected)
     input_ids = tok.input_ids[:end]
