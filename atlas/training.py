@@ -3,7 +3,7 @@
 Every arrow leaves a file in the run's output directory:
 
 - ``selection.jsonl``: the training trajectories with the selector's choice (atlas format; feed it
-  back as data with ``selector=full`` to train on exactly that selection);
+  back with ``data.files=[...] data.val_fraction=0 selector=full`` to train on exactly it);
 - ``checkpoints/``: Lightning checkpoints (``ckpt_path=.../last.ckpt`` resumes);
 - ``model/``: the trained model (or PEFT adapter) and tokenizer, saved with ``save_pretrained``;
 - ``train_summary.json``: selection statistics, final metrics and where everything went.
@@ -48,11 +48,11 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def _single_log_handler() -> None:
     """Lightning adds its own console handler when imported before logging is configured;
     under Hydra that prints every line twice."""
-    root_has_handlers = bool(logging.getLogger().handlers)
+    if not logging.getLogger().handlers:
+        return
     for name in ("lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
-        if root_has_handlers:
-            lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -84,7 +84,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule.setup("fit")
     stats = dict(datamodule.stats)
     log.info("selector=%s%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
-             selector.name, "" if selector.name == "full" else f" ratio={cfg.ratio}", stats["train/supervised_steps"], stats["train/steps"],
+             selector.name, "" if selector.name == "full" else f" ratio={cfg.ratio}",
+             stats["train/supervised_steps"], stats["train/steps"],
              100 * stats["train/supervised_step_fraction"], stats["train/supervised_tokens"],
              stats["train/tokens"])
 

@@ -170,3 +170,13 @@ def test_datamodule_reports_and_leaves_out_what_cannot_be_supervised(tokenizer, 
         strict.setup()
     with pytest.raises(MaskingError, match="no example has a supervised token"):
         TrajectoryDataModule([empty], [], tokenizer).setup()
+
+
+@pytest.mark.parametrize("family", ["chatml_smollm2", "llama3"])
+def test_step_with_surrounding_whitespace_keeps_its_end_of_turn(family):
+    """ChatML keeps "go north \n" whole, Llama-3 trims it: either way the supervised span is
+    the rendered step and its end-of-turn token."""
+    tok = family_tokenizer(family)
+    t = Trajectory("w", "e", [Message("user", "where?"), Message("assistant", "go north \n")])
+    rendered = t.steps[0].message.content if family == "chatml_smollm2" else "go north"
+    assert supervised_runs(encode(t, tok), tok) == [rendered + FAMILIES[family][3]]

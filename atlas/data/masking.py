@@ -122,9 +122,10 @@ def tokenize_steps(trajectory: Trajectory, tokenizer) -> TokenizedTrajectory:
     cursor = 0
     for i, m in enumerate(trajectory.messages):
         # templates that trim (Llama-3, Gemma) render the stripped content: take whichever
-        # form occurs first, so neither matches a later turn's text
-        found = [(text.find(c, cursor), c) for c in {m.content, m.content.strip()}]
-        pos, content = min(((p, c) for p, c in found if p >= 0), default=(-1, m.content))
+        # form occurs first, so neither matches a later turn's text; at the same place the
+        # untrimmed one, which the template kept whole
+        found = [(text.find(c, cursor), -len(c), c) for c in {m.content, m.content.strip()}]
+        pos, _, content = min((f for f in found if f[0] >= 0), default=(-1, 0, m.content))
         if pos < 0:
             if m.role == "assistant":
                 raise MaskingError(

@@ -126,18 +126,3 @@ class Trajectory:
             messages.append(m)
         return dataclasses.replace(self, messages=messages, meta=dict(self.meta))
 
-
-def selection_stats(trajectories: Iterable[Trajectory]) -> dict[str, float]:
-    """Counts of steps and selected steps over a collection of trajectories."""
-    n_traj = n_steps = n_sel = 0
-    for t in trajectories:
-        n_traj += 1
-        n_steps += t.num_steps
-        n_sel += len(t.selected_steps)
-    return {
-        "trajectories": n_traj,
-        "steps": n_steps,
-        "selected_steps": n_sel,
-        "selected_fraction": n_sel / n_steps if n_steps else 0.0,
-    }
-
