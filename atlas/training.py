@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
@@ -41,8 +42,11 @@ def _choices() -> dict[str, str]:
         return {}
 
 
-def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
-    return [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+def _callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Any]:
+    callbacks = [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+    if not has_logger:  # Lightning refuses a LearningRateMonitor with nothing to log to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    return callbacks
 
 
 def _single_log_handler() -> None:
@@ -94,7 +98,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model = load_model(**cfg.model, peft=peft_config)
     module = instantiate(cfg.module, _partial_=True)(model=model)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer = instantiate(cfg.trainer, logger=logger, callbacks=_instantiate_dict(cfg.get("callbacks")))
+    trainer = instantiate(cfg.trainer, logger=logger,
+                          callbacks=_callbacks(cfg.get("callbacks"), has_logger=bool(logger)))
     safe_config = redact(OmegaConf.to_container(cfg, resolve=True))
     if logger:
         trainer.logger.log_hyperparams({**safe_config, "choices": choices, "selection": stats})

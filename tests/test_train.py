@@ -57,6 +57,11 @@ def test_random_selection_at_0_3_logs_the_supervised_fraction(tmp_path, caplog):
     assert "selector=random ratio=0.3" in caplog.text
 
 
+def test_trains_without_any_logger(tmp_path):
+    summary = train(compose_train(tmp_path, "logger=none", "trainer.max_steps=1"))
+    assert summary["global_step"] == 1 and (tmp_path / "model" / "model.safetensors").exists()
+
+
 def test_lora_saves_an_adapter(tmp_path):
     from peft import PeftModel
 
