@@ -1,0 +1,132 @@
+"""The interface every environment implements, for the expert generator and the rollout loop.
+
+An environment is a text game: ``reset(task)`` returns the goal and the first observation,
+``step(action)`` returns what the action did. It also carries an *expert* that knows the
+game's internal state: ``expert_step()`` returns the expert's (thought, action) for the current
+state, with a thought that states real information (plan, what was observed, why the action
+matters), so that a step selector has something to judge. ``mistake()`` returns a plausible
+wrong action, used to build trajectories with a genuine self-correction step.
+
+Environments never raise on a bad action string: an unknown or invalid action is answered with
+an observation saying so. A crash of the engine itself is an exception, which the rollout loop
+records as a failed episode.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import random
+from dataclasses import dataclass
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class Task:
+    """One episode's task: which game, which variant, which seed, which split.
+
+    Attributes:
+        env: Environment name ("babyai", "scienceworld", ...).
+        name: Task family within the environment (a BabyAI level, a ScienceWorld task, ...).
+        seed: Seed or variation index that fixes the episode.
+        split: "train" (expert data) or "test" (evaluation). The two never share (name, seed).
+    """
+
+    env: str
+    name: str
+    seed: int
+    split: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.env}/{self.name}/{self.split}/{self.seed}"
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """What one action did.
+
+    Attributes:
+        observation: Text shown to the agent.
+        done: Whether the episode is over (solved, failed, or out of moves in the engine).
+        score: The episode's score so far, in [0, 1].
+        success: Whether the task is solved.
+    """
+
+    observation: str
+    done: bool = False
+    score: float = 0.0
+    success: bool = False
+
+
+class Environment(abc.ABC):
+    """A text environment with an expert.
+
+    Args:
+        name: Registry name, used in task ids and results ("babyai").
+        tasks: Task families to draw episodes from.
+        max_turns: Turn cap for an episode (expert generation and evaluation).
+    """
+
+    #: Rules and action format, used as the system prompt of every episode.
+    instruction: str = ""
+
+    def __init__(self, name: str, tasks: list[str], max_turns: int = 30):
+        if not tasks:
+            raise ValueError(f"environment {name}: 'tasks' is empty")
+        self.name = name
+        self.task_names = list(tasks)
+        self.max_turns = max_turns
+
+    # ---- tasks -------------------------------------------------------------------------------
+    def tasks(self, split: str, n: int, offset: int = 0) -> list[Task]:
+        """``n`` tasks of ``split``, cycling through the task families (deterministic)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        out = []
+        for i in range(offset, offset + n):
+            name = self.task_names[i % len(self.task_names)]
+            out.append(Task(self.name, name, self.seed_for(name, split, i // len(self.task_names)),
+                            split))
+        return out
+
+    def seed_for(self, name: str, split: str, index: int) -> int:
+        """The ``index``-th seed of ``split`` for task family ``name``.
+
+        The default keeps train seeds below 1,000,000 and test seeds at or above it, so the two
+        splits never overlap. Engines with their own split (ScienceWorld variations,
+        TextWorld-Express folds) override this.
+        """
+        return index if split == "train" else 1_000_000 + index
+
+    # ---- episode -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def reset(self, task: Task) -> str:
+        """Start ``task``; return the goal and the first observation."""
+
+    @abc.abstractmethod
+    def step(self, action: str) -> Feedback:
+        """Apply ``action`` (free text); never raises for a bad action."""
+
+    # ---- expert ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def expert_step(self, after_mistake: str | None = None) -> tuple[str, str]:
+        """The expert's (thought, action) for the current state.
+
+        Args:
+            after_mistake: The wrong action just taken, when the previous step was an injected
+                mistake: the thought then says what went wrong and how the plan resumes.
+        """
+
+    @abc.abstractmethod
+    def mistake(self, rng: random.Random) -> tuple[str, str]:
+        """A plausible but wrong (thought, action) for the current state."""
+
+    def close(self) -> None:
+        """Release engine resources (JVMs, subprocesses)."""
+
+
+def stable_hash(text: str) -> int:
+    """A process-independent hash (Python's ``hash`` is salted per process)."""
+    return int(hashlib.sha1(text.encode()).hexdigest()[:12], 16)
