@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from atlas.data.datamodule import load_trajectories, split_trajectories
 from atlas.data.formats import write_trajectories
 from atlas.model import load_model, load_tokenizer
-from atlas.utils import atomic_write, redact, wandb_offline_by_default
+from atlas.utils import atomic_write, redact, single_log_handler, wandb_offline_by_default
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +49,10 @@ def _callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Any]:
     return callbacks
 
 
-def _single_log_handler() -> None:
-    """Lightning adds its own console handler when imported before logging is configured;
-    under Hydra that prints every line twice."""
-    if not logging.getLogger().handlers:
-        return
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        lg = logging.getLogger(name)
-        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
-
-
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``conf/train.yaml``; returns its summary."""
     t0 = time.time()
-    _single_log_handler()
+    single_log_handler()
     wandb_mode = wandb_offline_by_default()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

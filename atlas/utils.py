@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import logging
 import os
 import re
 import tempfile
@@ -81,3 +82,13 @@ def wandb_offline_by_default() -> str:
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     return os.environ["WANDB_MODE"]
+
+
+def single_log_handler() -> None:
+    """Lightning adds its own console handler when imported before logging is configured;
+    under Hydra that prints every line twice."""
+    if not logging.getLogger().handlers:
+        return
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]

@@ -291,6 +291,13 @@ def read_trajectories(path: str | Path, format: str = "auto", env: str | None = 
     return out
 
 
+def trajectory_to_record(trajectory: Trajectory, format: str = "atlas") -> dict:
+    """One trajectory as the JSON record of ``format``."""
+    if format not in _WRITERS:
+        raise ValueError(f"unknown trajectory format {format!r}; expected one of {FORMATS}")
+    return _WRITERS[format](trajectory)
+
+
 def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory], format: str = "atlas") -> Path:
     """Write trajectories atomically; returns the path written."""
     if format not in _WRITERS:
@@ -301,5 +308,5 @@ def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory], for
         if partial:
             log.warning("sharegpt cannot record step selection: %d trajectories with unselected "
                         "steps are written as fully supervised (use agentgym or openai)", partial)
-    lines = [json.dumps(_WRITERS[format](t), ensure_ascii=False) for t in trajectories]
+    lines = [json.dumps(trajectory_to_record(t, format), ensure_ascii=False) for t in trajectories]
     return atomic_write(path, "".join(line + "\n" for line in lines))

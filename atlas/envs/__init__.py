@@ -1,0 +1,1 @@
+"""Text environments with experts: BabyAI, ScienceWorld, TextWorld-Express, Wordle, Maze."""

@@ -1,0 +1,339 @@
+"""The rollout loop: an LLM agent plays episodes in environments, many at once.
+
+Every episode is kept as a :class:`~atlas.data.trajectory.Trajectory` in exactly the format of
+the expert data (environment instruction as system prompt, observations as user turns, the
+agent's "Thought: ...\\nAction: ..." as assistant turns), so the prompts the model sees here are
+rendered the same way as in training, and finished episodes can be saved, inspected and trained
+on like any other trajectory.
+
+Episodes run in parallel: each turn, the prompts of all active episodes go through one batched
+``generate`` call. Environments are pooled per environment, capped by ``instances`` (a
+ScienceWorld instance is a JVM of 0.7-3.6 GB), and reused across episodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from atlas.data.generate import observation_turn
+from atlas.data.trajectory import Message, Trajectory
+from atlas.envs.base import Environment, Task
+
+log = logging.getLogger(__name__)
+
+ACTION = re.compile(r"^\s*Action\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+FORMAT_HINT = ("Invalid response: no action found. Answer with two lines:\n"
+               "Thought: <your reasoning>\nAction: <your action>")
+
+
+def parse_action(text: str) -> str | None:
+    """The action of an agent turn ("Thought: ...\\nAction: go north"), or None.
+
+    The last non-empty ``Action:`` line wins: a model may restate the format before answering.
+    """
+    actions = [a for a in ACTION.findall(text) if a]
+    return actions[-1] if actions else None
+
+
+@dataclass
+class Episode:
+    """One episode under way or finished.
+
+    Attributes:
+        task: The task played.
+        trajectory: The conversation so far.
+        score: Latest score in [0, 1].
+        success: Whether the task was solved.
+        status: "running", "success", "failure" (the environment ended it), "max_turns",
+            "context" (the prompt outgrew ``max_prompt_tokens``) or "error" (the environment
+            crashed; ``error`` holds the message).
+        invalid: Turns whose response had no parseable action.
+    """
+
+    task: Task
+    trajectory: Trajectory
+    score: float = 0.0
+    success: bool = False
+    status: str = "running"
+    turns: int = 0
+    invalid: int = 0
+    error: str | None = None
+    seconds: float = 0.0
+    env: Environment | None = field(default=None, repr=False)
+
+    def record(self) -> dict[str, Any]:
+        """The episode's outcome, as written to results files and W&B tables."""
+        return {"id": self.task.id, "env": self.task.env, "task": self.task.name,
+                "seed": self.task.seed, "success": self.success, "score": self.score,
+                "status": self.status, "turns": self.turns, "invalid_actions": self.invalid,
+                "error": self.error, "seconds": round(self.seconds, 3)}
+
+
+class Policy:
+    """A causal LM that answers chat prompts, a batch at a time (greedy by default).
+
+    Episodes grow by a few hundred tokens a turn, so re-reading the whole conversation every
+    turn would dominate the cost. The policy keeps each episode's key/value cache between turns
+    (``reuse_cache``) and feeds the model only the tokens a prompt adds to what it has cached:
+    the longest common prefix of the new prompt and the cached tokens is reused. Rows of a batch
+    are laid out as ``[pad][cached][pad][new]``; positions come from the attention mask, so a
+    token's keys and values do not depend on the padding around it.
+
+    Args:
+        model: A transformers causal LM (or PEFT model).
+        tokenizer: Its tokenizer, with the chat template used in training.
+        max_new_tokens: Cap on one response.
+        temperature: 0 for greedy decoding.
+        top_p: Nucleus sampling mass when sampling.
+        reuse_cache: Keep each episode's key/value cache across turns.
+    """
+
+    def __init__(self, model, tokenizer, max_new_tokens: int = 96, temperature: float = 0.0,
+                 top_p: float = 1.0, reuse_cache: bool = True):
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        self.reuse_cache = reuse_cache
+        self.cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
+        self.reused_tokens = self.computed_tokens = 0  # prompt tokens read from / fed to the model
+        # stop at the end of the assistant turn (ChatML <|im_end|>, Llama <|eot_id|>, ...)
+        self.stop = sorted({i for i in (tokenizer.eos_token_id,
+                                        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+                                        tokenizer.convert_tokens_to_ids("<|eot_id|>"),
+                                        tokenizer.convert_tokens_to_ids("<end_of_turn>"))
+                            if isinstance(i, int) and i != tokenizer.unk_token_id})
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
+
+    def prompt_ids(self, chat: list[dict[str, str]]) -> list[int]:
+        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
+                                                       tokenize=True, return_dict=False))
+
+    def forget(self, key: str) -> None:
+        """Drop an episode's cache (when it ends)."""
+        self.cache.pop(key, None)
+
+    def _cached_prefix(self, key: str | None, prompt: list[int]) -> int:
+        if not self.reuse_cache or key not in self.cache:
+            return 0
+        ids, n = self.cache[key][0], 0
+        limit = min(len(ids), len(prompt) - 1)  # at least one token must be fed
+        while n < limit and ids[n] == prompt[n]:
+            n += 1
+        return n
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], keys: list[str] | None = None) -> list[str]:
+        """Responses to tokenized prompts, generated as one batch.
+
+        Args:
+            prompts: Token ids of each prompt (``prompt_ids``).
+            keys: Episode ids; a key's cache from its previous call is reused.
+        """
+        keys = keys or [None] * len(prompts)
+        device = next(self.model.parameters()).device
+        reused = [self._cached_prefix(k, p) for k, p in zip(keys, prompts)]
+        L = max(reused)
+        N = max(len(p) - r for p, r in zip(prompts, reused))
+        rows, mask = [], []
+        for p, r in zip(prompts, reused):
+            new = p[r:]
+            rows.append([self.pad] * (L - r) + p[:r] + [self.pad] * (N - len(new)) + new)
+            mask.append([0] * (L - r) + [1] * r + [0] * (N - len(new)) + [1] * len(new))
+        self.reused_tokens += sum(reused)
+        self.computed_tokens += sum(len(p) - r for p, r in zip(prompts, reused))
+        kwargs = {}
+        if L:
+            kwargs["past_key_values"] = self._batch_cache(keys, reused, L, device)
+        input_ids = torch.tensor(rows, device=device)
+        attention_mask = torch.tensor(mask, device=device)
+        sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
+                    if self.temperature > 0 else {"do_sample": False})
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
+            eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
+            use_cache=True, **sampling, **kwargs)
+        new = out.sequences[:, L + N:].tolist()
+        gen = []
+        for row in new:
+            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop), len(row))
+            gen.append(row[:cut])
+        if self.reuse_cache:
+            self._keep(keys, prompts, reused, gen, L, N, out.past_key_values)
+        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
+
+    def _batch_cache(self, keys, reused, L, device):
+        from transformers import DynamicCache
+
+        layers = []
+        for layer in range(len(next(iter(self.cache.values()))[1])):
+            kv = []
+            for part in (0, 1):
+                ref = next(iter(self.cache.values()))[1][layer][part]
+                t = torch.zeros((len(keys), ref.shape[0], L, ref.shape[2]), dtype=ref.dtype,
+                                device=device)
+                for b, (key, r) in enumerate(zip(keys, reused)):
+                    if r:
+                        t[b, :, L - r:] = self.cache[key][1][layer][part][:, :r]
+                kv.append(t)
+            layers.append(tuple(kv))
+        return DynamicCache(layers)
+
+    def _keep(self, keys, prompts, reused, gen, L, N, cache) -> None:
+        """Store each row's keys/values for its real tokens (the cache lacks the last token)."""
+        length = cache.get_seq_length()
+        for b, (key, p, r, g) in enumerate(zip(keys, prompts, reused, gen)):
+            if key is None:
+                continue
+            cols = (list(range(L - r, L)) + list(range(L + N - (len(p) - r), L + N))
+                    + list(range(L + N, L + N + len(g))))
+            cols = [c for c in cols if c < length]
+            index = torch.tensor(cols, device=cache.layers[0].keys.device)
+            self.cache[key] = ((p + g)[:len(cols)],
+                               [(layer.keys[b].index_select(1, index),
+                                 layer.values[b].index_select(1, index))
+                                for layer in cache.layers])
+
+
+class EnvPool:
+    """Reusable environment instances, at most ``instances`` per environment name."""
+
+    def __init__(self, factories: dict[str, Callable[[], Environment]], instances: int = 4):
+        self.factories, self.cap = factories, instances
+        self.idle: dict[str, list[Environment]] = {n: [] for n in factories}
+        self.busy: dict[str, int] = {n: 0 for n in factories}
+        self.all: list[Environment] = []
+
+    def available(self, name: str) -> bool:
+        return bool(self.idle[name]) or self.busy[name] < self.cap
+
+    def acquire(self, name: str) -> Environment:
+        if not self.idle[name]:
+            env = self.factories[name]()
+            self.all.append(env)
+            self.idle[name].append(env)
+        self.busy[name] += 1
+        return self.idle[name].pop()
+
+    def release(self, env: Environment, broken: bool = False) -> None:
+        self.busy[env.name] -= 1
+        if broken:  # a crashed engine is not trusted with another episode
+            self._close(env)
+        else:
+            self.idle[env.name].append(env)
+
+    def _close(self, env: Environment) -> None:
+        try:
+            env.close()
+        except Exception as e:  # noqa: BLE001 - closing a crashed engine may fail too
+            log.warning("closing %s failed: %s", env.name, e)
+        self.all.remove(env)
+
+    def close(self) -> None:
+        for env in list(self.all):
+            self._close(env)
+
+
+def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: int = 16,
+                 max_turns: dict[str, int] | None = None, max_prompt_tokens: int = 4096,
+                 on_finish: Callable[[Episode], None] | None = None) -> list[Episode]:
+    """Play ``tasks`` with ``policy``, up to ``batch_size`` episodes at a time.
+
+    Args:
+        policy: The agent.
+        pool: Environment instances, by environment name (``task.env``).
+        tasks: Episodes to play; results come back in this order.
+        batch_size: Episodes generated for in one batch (1: one episode at a time).
+        max_turns: Turn cap per environment name (default: each environment's own).
+        max_prompt_tokens: An episode whose next prompt is longer ends with status "context".
+        on_finish: Called with each finished episode (to save work as it completes).
+    """
+    pending: deque[int] = deque(range(len(tasks)))
+    episodes: list[Episode | None] = [None] * len(tasks)
+    active: list[Episode] = []
+    bar = tqdm(total=len(tasks), desc="episodes", unit="episode", disable=None)
+
+    def finish(ep: Episode, status: str, error: str | None = None) -> None:
+        ep.status, ep.error = status, error
+        policy.forget(ep.task.id)
+        ep.trajectory.meta.update(ep.record())
+        pool.release(ep.env, broken=status == "error")
+        ep.env = None
+        bar.update()
+        if on_finish:
+            on_finish(ep)
+
+    def start(i: int) -> None:
+        task = tasks[i]
+        env = pool.acquire(task.env)
+        t0 = time.time()
+        try:
+            first, error = env.reset(task), None
+        except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
+            first, error = "", f"reset: {type(e).__name__}: {e}"
+        # A placeholder assistant turn satisfies Trajectory's invariant; it is dropped at once.
+        trajectory = Trajectory(task.id, task.env, [Message("user", first), Message("assistant", "")],
+                                env.instruction, meta={"source": "rollout"})
+        trajectory.messages.pop()
+        episodes[i] = ep = Episode(task, trajectory, env=env, seconds=time.time() - t0)
+        if error:
+            finish(ep, "error", error)
+        else:
+            active.append(ep)
+
+    while pending or active:
+        # Fill free slots with tasks whose environment has an instance to spare.
+        for i in list(pending):
+            if len(active) >= batch_size:
+                break
+            if pool.available(tasks[i].env):
+                pending.remove(i)
+                start(i)
+        if not active:
+            continue
+        prompts = [policy.prompt_ids(ep.trajectory.chat()) for ep in active]
+        too_long = [len(p) > max_prompt_tokens for p in prompts]
+        for ep, long in zip(active, too_long):
+            if long:
+                finish(ep, "context")
+        prompts = [p for p, long in zip(prompts, too_long) if not long]
+        active[:] = [ep for ep, long in zip(active, too_long) if not long]
+        if not active:
+            continue
+        t0 = time.time()
+        responses = policy.generate(prompts, [ep.task.id for ep in active])
+        share = (time.time() - t0) / len(active)
+        for ep, response in zip(list(active), responses):
+            ep.turns += 1
+            ep.seconds += share
+            ep.trajectory.messages.append(Message("assistant", response))
+            action = parse_action(response)
+            cap = (max_turns or {}).get(ep.task.env, ep.env.max_turns)
+            if action is None:
+                ep.invalid += 1
+                observation, done = FORMAT_HINT, False
+            else:
+                t1 = time.time()
+                try:
+                    feedback = ep.env.step(action)
+                except Exception as e:  # noqa: BLE001
+                    active.remove(ep)
+                    finish(ep, "error", f"step {ep.turns}: {type(e).__name__}: {e}")
+                    continue
+                ep.seconds += time.time() - t1
+                ep.score, ep.success = float(feedback.score), bool(feedback.success)
+                observation, done = feedback.observation, feedback.done
+            if done or ep.turns >= cap:
+                ep.trajectory.meta["final_observation"] = observation
+                active.remove(ep)
+                finish(ep, "success" if ep.success else "failure" if done else "max_turns")
+            else:
+                ep.trajectory.messages.append(Message("user", observation_turn(observation)))
+    bar.close()
+    return episodes  # type: ignore[return-value]
