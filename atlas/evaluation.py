@@ -155,7 +155,8 @@ def _transcript(ep: Episode) -> str:
 
 
 def load_agent(checkpoint: str | None, model_cfg: DictConfig):
-    """The model and tokenizer to evaluate: a train.py output dir, or the ``model`` config."""
+    """The model and tokenizer to evaluate: a train.py ``model/`` directory, or the ``model``
+    config. A PEFT adapter directory is applied to the ``model`` config's base model."""
     from atlas.model import load_model, load_tokenizer
 
     if checkpoint is None:
@@ -165,9 +166,11 @@ def load_agent(checkpoint: str | None, model_cfg: DictConfig):
         raise FileNotFoundError(f"checkpoint={checkpoint}: no config.json or adapter_config.json "
                                 f"(expected a model/ directory written by train.py)")
     if (path / "adapter_config.json").exists():
-        from peft import AutoPeftModelForCausalLM
+        # The adapter goes on the base model of the `model` config: the one train.py tuned it on
+        # (its recorded base path may be a cache directory of another machine).
+        from peft import PeftModel
 
-        model = AutoPeftModelForCausalLM.from_pretrained(path, dtype=model_cfg.get("dtype", "float32"))
+        model = PeftModel.from_pretrained(load_model(**model_cfg), path)
     else:
         model = load_model(name=str(path), dtype=model_cfg.get("dtype", "float32"),
                            attn_implementation=model_cfg.get("attn_implementation"))

@@ -72,7 +72,8 @@ class Episode:
     def record(self) -> dict[str, Any]:
         """The episode's outcome, as written to results files and W&B tables."""
         return {"id": self.task.id, "env": self.task.env, "task": self.task.name,
-                "seed": self.task.seed, "success": self.success, "score": self.score,
+                "seed": self.task.seed, "split": self.task.split, "success": self.success,
+                "score": self.score,
                 "status": self.status, "turns": self.turns, "invalid_actions": self.invalid,
                 "error": self.error, "seconds": round(self.seconds, 3)}
 

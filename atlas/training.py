@@ -6,6 +6,8 @@ Every arrow leaves a file in the run's output directory:
   back with ``data.files=[...] data.val_fraction=0 selector=full`` to train on exactly it);
 - ``checkpoints/``: Lightning checkpoints (``ckpt_path=.../last.ckpt`` resumes);
 - ``model/``: the trained model (or PEFT adapter) and tokenizer, saved with ``save_pretrained``;
+- ``eval/``: rollouts of the trained model on the held-in and held-out test tasks
+  (``episodes.jsonl``, ``results.json``; see atlas/evaluation.py);
 - ``train_summary.json``: selection statistics, final metrics and where everything went.
 """
 
@@ -122,6 +124,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             summary["checkpoint_dir"] = str((out / "checkpoints").resolve())
         if not trainer.is_global_zero:
             return summary
+        # 6. rollouts in the held-in and held-out environments
+        if cfg.get("eval_after_training"):
+            from atlas.evaluation import evaluate
+
+            agent = module.model
+            if "fsdp" in type(trainer.strategy).__name__.lower():  # sharded: play the saved copy
+                from atlas.evaluation import load_agent
+
+                agent, _ = load_agent(str(model_dir), cfg.model)
+            results = evaluate(agent, tokenizer, cfg.eval, out / "eval", logger or None)
+            summary["eval"] = {"averages": results["averages"],
+                               "results_file": str((out / "eval" / "results.json").resolve())}
+            summary["wall_time_s"] = round(time.time() - t0, 1)
         if logger and type(logger).__name__ == "WandbLogger":
             run = logger.experiment
             run.summary.update({f"selection/{k}": v for k, v in stats.items()})

@@ -38,7 +38,7 @@ def measure(mode: str, model_name: str, seq_len: int, steps: int, threads: int |
     model.train()
     # real expert data: rendered default trajectories, concatenated up to seq_len tokens
     ids: list[int] = []
-    for t in read_trajectories("pkg://atlas/data/default/fireact_hotpotqa.jsonl"):
+    for t in read_trajectories("pkg://atlas/data/fireact/fireact_hotpotqa.jsonl"):
         ids += tokenize_steps(t, tokenizer).input_ids
         if len(ids) >= seq_len:
             break

@@ -43,6 +43,7 @@ def compose_train(tmp_path: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
     base = ["model=tiny_llama", "logger=csv", "data.limit=8", "data.val_fraction=0.25",
+            "eval_after_training=false",
             f"paths.output_dir={tmp_path}"]
     with initialize_config_dir(str(CONF), version_base="1.3"):
         return compose("train", overrides=base + list(overrides))

@@ -186,6 +186,6 @@ def test_byte_order_mark_is_tolerated(tmp_path):
 
 
 def test_packaged_default_data_reads(tmp_path):
-    trajs = read_trajectories("pkg://atlas/data/default/fireact_hotpotqa.jsonl")
+    trajs = read_trajectories("pkg://atlas/data/fireact/fireact_hotpotqa.jsonl")
     assert len(trajs) == 100 and trajs[0].env == "fireact_hotpotqa"
     assert trajs[0].messages[1].content.startswith("Thought:")

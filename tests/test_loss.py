@@ -25,7 +25,7 @@ def tiny_model():
 
 @pytest.fixture(scope="module")
 def trajectory():
-    [t] = [t for t in read_trajectories("pkg://atlas/data/default/fireact_hotpotqa.jsonl")
+    [t] = [t for t in read_trajectories("pkg://atlas/data/fireact/fireact_hotpotqa.jsonl")
            if t.num_steps >= 4][:1]
     return t
 

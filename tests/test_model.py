@@ -29,7 +29,7 @@ def test_embedded_model_converts_once_and_is_a_real_pretrained_model(tmp_path, m
     assert next(model.parameters()).dtype == torch.float32
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     # pretrained weights predict FireAct's ReAct steps far better than chance (ln 49152 = 10.8)
-    trajs = read_trajectories("pkg://atlas/data/default/fireact_hotpotqa.jsonl")[:4]
+    trajs = read_trajectories("pkg://atlas/data/fireact/fireact_hotpotqa.jsonl")[:4]
     batch = collate([encode(t, tokenizer) for t in trajs], tokenizer.pad_token_id)
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

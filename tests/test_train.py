@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from atlas.data import read_trajectories
+from atlas.selection import num_selected
 from atlas.training import train
 from atlas.utils import redact
 from conftest import ROOT, compose_train
@@ -50,9 +51,15 @@ def test_random_selection_at_0_3_logs_the_supervised_fraction(tmp_path, caplog):
     caplog.set_level("INFO")
     summary = train(cfg)
     frac = summary["selection"]["train/supervised_step_fraction"]
-    # the bundled trajectories have 3-5 steps; k = max(1, floor(0.3 n)) keeps 1 of each
-    assert summary["selection"]["train/supervised_steps"] == summary["selection"]["train/examples"] == 90
-    assert 0.3 <= frac <= 0.33
+    # every trajectory keeps exactly k = min(n, max(1, floor(0.3 n))) of its n steps
+    selection = read_trajectories(tmp_path / "selection.jsonl")
+    assert len(selection) == summary["selection"]["train/examples"] == 360
+    assert all(len(t.selected_steps) == num_selected(0.3, t.num_steps) for t in selection)
+    # a selected step that ends past max_length is dropped, and counted
+    assert (summary["selection"]["train/supervised_steps"]
+            + summary["selection"]["train/steps_dropped_max_length"]
+            == sum(len(t.selected_steps) for t in selection))
+    assert 0.25 <= frac <= 0.35
     assert f"training steps supervised ({100 * frac:.1f}%)" in caplog.text
     assert "selector=random ratio=0.3" in caplog.text
 
@@ -131,7 +138,7 @@ def _run_cli(args, cwd, env_extra=None, timeout=600):
 def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path):
     secret = "sk-SENTINEL0123456789abcdef"
     sweep = tmp_path / "sweep"
-    proc = _run_cli(["-m", "selector=full,random", "ratio=0.1,0.3", "model=tiny_llama",
+    proc = _run_cli(["-m", "selector=full,random", "ratio=0.1,0.3", "model=tiny_llama", "eval=smoke",
                      "data.limit=6", "data.val_fraction=0", "trainer.max_steps=1",
                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
                     env_extra={"OPENAI_API_KEY": secret, "ANTHROPIC_API_KEY": secret,
@@ -146,6 +153,12 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path)
         run_ids.add(summary["wandb"]["run_id"])
         combos.add((summary["selector"], summary["ratio"]))
         assert len(list((job / "wandb").glob("offline-run-*"))) == 1
+        # every combination is evaluated held-in and held-out, into its own run
+        assert set(summary["eval"]["averages"]) == {"held_in", "held_out"}
+        results = json.loads((job / "eval" / "results.json").read_text())
+        assert set(results["environments"]) == {"babyai", "maze"}
+        [run_dir] = (job / "wandb").glob("offline-run-*")
+        assert b"eval/held_out/success" in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     assert len(run_ids) == 4
     assert combos == {("full", 0.1), ("full", 0.3), ("random", 0.1), ("random", 0.3)}
     # API keys from the environment reach no saved config, log or W&B file
@@ -206,9 +219,12 @@ def test_first_step_uses_the_full_lr_without_warmup(tmp_path):
 
 def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     _run_cli(["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true",
-              "model=tiny_llama", "data.limit=8", "logger=wandb"], cwd=tmp_path)
+              "model=tiny_llama", "data.limit=8", "logger=wandb", "eval=smoke"], cwd=tmp_path)
     [run] = (tmp_path / "logs" / "train" / "runs").iterdir()  # the second rank reuses the run dir
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["global_step"] > 0 and summary["wandb"]["mode"] == "offline"
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1
+    # rank zero alone plays the evaluation episodes, once
+    episodes = (run / "eval" / "episodes.jsonl").read_text().splitlines()
+    assert len(episodes) == 2
     assert AutoModelForCausalLM.from_pretrained(run / "model").config.num_hidden_layers == 2

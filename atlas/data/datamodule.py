@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 from collections import Counter
 from typing import Iterable, Sequence
@@ -22,14 +23,17 @@ log = logging.getLogger(__name__)
 
 def load_trajectories(files: Sequence[str], format: str = "auto", env: str | None = None,
                       limit: int | None = None) -> list[Trajectory]:
-    """Read and concatenate trajectory files; keep the first ``limit`` trajectories."""
+    """Read trajectory files; keep the first ``limit`` trajectories.
+
+    Several files are interleaved round-robin (first of each file, then second, ...), so a
+    ``limit`` over per-environment files keeps a balanced mix.
+    """
     if isinstance(files, str):
         files = [files]
     if not files:
         raise ValueError("data.files is empty: give at least one trajectory file")
-    out: list[Trajectory] = []
-    for f in files:
-        out.extend(read_trajectories(f, format=format, env=env))
+    per_file = [read_trajectories(f, format=format, env=env) for f in files]
+    out = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
     dup = [i for i, n in Counter(t.id for t in out).items() if n > 1]
     if dup:
         raise ValueError(f"trajectory ids repeat across data.files: {dup[:5]}")

@@ -1,0 +1,178 @@
+"""The rollout loop and evaluate.py: action parsing, the per-episode KV cache, episode outcomes
+(success, invalid responses, turn caps, crashing engines), results files and the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from atlas.data.generate import expert_episode
+from atlas.envs.maze import MazeEnv
+from atlas.evaluation import summarize
+from atlas.model import load_model
+from atlas.rollout import EnvPool, Policy, parse_action, run_episodes
+from conftest import CONF, ROOT, TOKENIZER
+
+
+@pytest.mark.parametrize("text,action", [
+    ("Thought: the key is ahead.\nAction: go forward", "go forward"),
+    ("Thought: x\naction:   move[east]  ", "move[east]"),
+    ("Thought: format is Action: <a>\nAction: guess[crane]", "guess[crane]"),
+    ("Action: first\nThought: no, better\nAction: second", "second"),
+    ("I will go north.", None),
+    ("Thought: hmm\nAction:", None),
+    ("", None),
+])
+def test_parse_action(text, action):
+    assert parse_action(text) == action
+
+
+@pytest.fixture(scope="module")
+def tiny_policy_parts(tokenizer):
+    torch.manual_seed(0)
+    config = OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config
+    return load_model(config=config), tokenizer
+
+
+def test_cache_reuse_gives_the_same_responses_as_recomputing(tiny_policy_parts):
+    """Episodes of different lengths, one ending early: reusing each episode's cache across turns
+    must not change a single greedy token."""
+    model, tok = tiny_policy_parts
+    transcripts = {}
+    for reuse in (False, True):
+        policy = Policy(model, tok, max_new_tokens=12, reuse_cache=reuse)
+        chats = [[{"role": "system", "content": "You are an agent."},
+                  {"role": "user", "content": "Task: go north " * (i + 1)}] for i in range(4)]
+        out = []
+        for turn in range(3):
+            live = [i for i in range(4) if not (i == 1 and turn == 2)]
+            responses = policy.generate([policy.prompt_ids(chats[i]) for i in live],
+                                        [f"ep{i}" for i in live])
+            for i, r in zip(live, responses):
+                chats[i] += [{"role": "assistant", "content": r},
+                             {"role": "user", "content": "Observation: " + "more " * (i + turn)}]
+            out.append(responses)
+        transcripts[reuse] = out
+        if reuse:
+            assert policy.reused_tokens > policy.computed_tokens  # most of each prompt was cached
+    assert transcripts[True] == transcripts[False]
+
+
+class ScriptedPolicy:
+    """Stands in for the LLM: answers each episode from a script (the loop is what is tested)."""
+
+    def __init__(self, scripts):
+        self.scripts = {k: list(v) for k, v in scripts.items()}
+        self.batches = []
+
+    def prompt_ids(self, chat):
+        return [len(chat)]
+
+    def generate(self, prompts, keys):
+        self.batches.append(len(keys))
+        return [self.scripts[k].pop(0) if self.scripts[k] else "no idea" for k in keys]
+
+    def forget(self, key):
+        pass
+
+
+class CrashingMaze(MazeEnv):
+    def step(self, action):
+        if "south" in action:
+            raise RuntimeError("engine died")
+        return super().step(action)
+
+
+def _maze(cls=MazeEnv):
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "env" / "maze.yaml"))
+    cfg.pop("_target_")
+    return cls(**cfg)
+
+
+def test_rollout_replays_expert_episodes_in_the_training_format():
+    """A policy that answers with the expert's turns reproduces the expert trajectory exactly:
+    prompts in evaluation are the training data's format."""
+    env = _maze()
+    tasks = env.tasks("test", 5)
+    experts = {t.id: expert_episode(env, t) for t in tasks}
+    policy = ScriptedPolicy({k: [s.message.content for s in v.steps] for k, v in experts.items()})
+    episodes = run_episodes(policy, EnvPool({"maze": _maze}, instances=2), tasks, batch_size=3)
+    assert [e.task for e in episodes] == tasks
+    for ep in episodes:
+        assert ep.status == "success" and ep.score == 1.0 and ep.invalid == 0
+        assert ep.trajectory.chat() == experts[ep.task.id].chat()
+    assert max(policy.batches) == 2  # batch of 3 slots, but only 2 maze instances at a time
+
+
+def test_invalid_responses_turn_caps_and_a_crashing_engine_fail_episodes_not_the_run():
+    env = _maze()
+    tasks = env.tasks("test", 3)
+    scripts = {tasks[0].id: ["I think I should go.", "Thought: ok\nAction: move[north]"],
+               tasks[1].id: ["Thought: down\nAction: move[south]"],
+               tasks[2].id: ["Thought: x\nAction: move[east]"] * 10}
+    finished = []
+    pool = EnvPool({"maze": lambda: _maze(CrashingMaze)}, instances=4)
+    episodes = run_episodes(ScriptedPolicy(scripts), pool, tasks, batch_size=4,
+                            max_turns={"maze": 3}, on_finish=finished.append)
+    first, crashed, capped = episodes
+    assert first.invalid == 2  # the first turn and the third ("no idea" once the script ran out)
+    assert "no action found" in first.trajectory.messages[2].content
+    assert crashed.status == "error" and "engine died" in crashed.error
+    assert capped.status in ("max_turns", "failure") and capped.turns <= 3
+    assert sorted(e.task.id for e in finished) == sorted(t.id for t in tasks)
+    assert len(pool.all) == 2  # the crashed engine was closed, not reused
+    results = summarize(episodes, {"maze": "held_out"})
+    assert results["environments"]["maze"]["errors"] == 1
+    assert results["averages"]["held_out"]["success"] == 0.0
+
+
+def test_summarize_averages_over_environments_not_episodes():
+    from atlas.envs.base import Task
+    from atlas.rollout import Episode
+
+    def ep(env, success):
+        return Episode(Task(env, "x", 0, "test"), trajectory=None, success=success, score=float(success))
+
+    episodes = [ep("a", True), ep("a", True), ep("a", True), ep("a", False), ep("b", False)]
+    results = summarize(episodes, {"a": "held_in", "b": "held_in"})
+    assert results["environments"]["a"]["success"] == 75.0
+    assert results["averages"]["held_in"]["success"] == 37.5  # (75 + 0) / 2, as the paper averages
+
+
+def _cli(script, *args, cwd):
+    proc = subprocess.run([sys.executable, str(ROOT / script), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_evaluate_cli_on_a_lora_checkpoint_from_train(tmp_path):
+    _cli("train.py", "model=tiny_llama", "peft=lora", "data.limit=4", "data.val_fraction=0",
+         "trainer.max_steps=1", "logger=none", "eval_after_training=false",
+         f"hydra.run.dir={tmp_path}/train", cwd=tmp_path)
+    assert (tmp_path / "train" / "model" / "adapter_config.json").exists()
+    proc = _cli("evaluate.py", "model=tiny_llama", f"checkpoint={tmp_path}/train/model", "eval=smoke",
+                "logger=wandb", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert {k: v["group"] for k, v in results["environments"].items()} == {"babyai": "held_in",
+                                                                          "maze": "held_out"}
+    assert set(results["averages"]) == {"held_in", "held_out"}
+    episodes = [json.loads(line) for line in (tmp_path / "eval" / "episodes.jsonl").open()]
+    assert {e["meta"]["env"] for e in episodes} == {"babyai", "maze"}
+    assert all(e["meta"]["split"] == "test" and e["meta"]["status"] for e in episodes)
+    assert "held_out avg" in proc.stdout + proc.stderr
+    assert list((tmp_path / "eval" / "wandb").glob("offline-run-*"))
+
+
+def test_evaluate_rejects_a_directory_that_is_not_a_model(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"checkpoint={tmp_path}",
+                           "eval=smoke", "logger=none", f"hydra.run.dir={tmp_path}/eval"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "no config.json or adapter_config.json" in proc.stderr
