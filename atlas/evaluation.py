@@ -108,6 +108,9 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     if eval_cfg.split not in SPLITS:
         raise ValueError(f"eval.split must be one of {SPLITS}, got {eval_cfg.split!r}")
+    for key in ("episodes", "batch_size", "instances"):
+        if eval_cfg[key] < 1:
+            raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
     envs = environments(eval_cfg)
     groups = {name: group for name, (group, _) in envs.items()}
     pool = EnvPool({name: (lambda c=c: instantiate(c)) for name, (_, c) in envs.items()},
@@ -127,7 +130,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
                 f.flush()
 
             episodes = run_episodes(policy, pool, tasks, batch_size=eval_cfg.batch_size,
-                                    max_turns=eval_cfg.get("max_turns"),
+                                    max_turns=_plain(eval_cfg.get("max_turns")),
                                     max_prompt_tokens=eval_cfg.max_prompt_tokens, on_finish=save)
     finally:
         pool.close()
@@ -148,6 +151,10 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
             data = [list(r.values()) + [_transcript(ep)] for r, ep in zip(rows, episodes)]
             logger.log_table("eval/episodes", columns=columns, data=data)
     return results
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def _transcript(ep: Episode) -> str:

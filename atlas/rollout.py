@@ -242,7 +242,7 @@ class EnvPool:
 
 
 def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: int = 16,
-                 max_turns: dict[str, int] | None = None, max_prompt_tokens: int = 4096,
+                 max_turns: int | dict[str, int] | None = None, max_prompt_tokens: int = 4096,
                  on_finish: Callable[[Episode], None] | None = None) -> list[Episode]:
     """Play ``tasks`` with ``policy``, up to ``batch_size`` episodes at a time.
 
@@ -251,10 +251,16 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         pool: Environment instances, by environment name (``task.env``).
         tasks: Episodes to play; results come back in this order.
         batch_size: Episodes generated for in one batch (1: one episode at a time).
-        max_turns: Turn cap per environment name (default: each environment's own).
+        max_turns: Turn cap: one for all environments, or per environment name; an environment
+            without one uses its own ``max_turns``.
         max_prompt_tokens: An episode whose next prompt is longer ends with status "context".
         on_finish: Called with each finished episode (to save work as it completes).
     """
+    if batch_size < 1 or pool.cap < 1:
+        raise ValueError(f"batch_size and instances must be >= 1, got {batch_size} and {pool.cap}")
+    unknown = sorted({t.env for t in tasks} - set(pool.factories))
+    if unknown:
+        raise ValueError(f"tasks of unknown environments {unknown}; known: {sorted(pool.factories)}")
     pending: deque[int] = deque(range(len(tasks)))
     episodes: list[Episode | None] = [None] * len(tasks)
     active: list[Episode] = []
@@ -315,7 +321,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             ep.seconds += share
             ep.trajectory.messages.append(Message("assistant", response))
             action = parse_action(response)
-            cap = (max_turns or {}).get(ep.task.env, ep.env.max_turns)
+            cap = (max_turns if isinstance(max_turns, int)
+                   else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
             if action is None:
                 ep.invalid += 1
                 observation, done = FORMAT_HINT, False

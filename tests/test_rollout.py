@@ -176,3 +176,18 @@ def test_evaluate_rejects_a_directory_that_is_not_a_model(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "no config.json or adapter_config.json" in proc.stderr
+
+
+@pytest.mark.parametrize("override,message", [("eval.episodes=0", "eval.episodes"),
+                                              ("eval.batch_size=0", "batch_size"),
+                                              ("eval.split=validation", "eval.split"),
+                                              ("+eval.held_out.extra={name: x}", "no _target_")])
+def test_bad_eval_config_values_are_named(tmp_path, override, message):
+    from hydra import compose, initialize_config_dir
+
+    from atlas.evaluation import evaluate
+
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["eval=smoke", override])
+    with pytest.raises(ValueError, match=message):
+        evaluate(None, None, cfg.eval, tmp_path)

@@ -55,7 +55,8 @@ def render_view(image: np.ndarray, carrying=None) -> str:
             label = f"{IDX_TO_COLOR[color]} {name}"
             if name == "door":
                 label = f"{STATES[state]} {label}"
-            things.append(f"a {label} {where(VIEW_Y - j, i - VIEW_X)}")
+            article = "an" if label[0] in "aeiou" else "a"
+            things.append(f"{article} {label} {where(VIEW_Y - j, i - VIEW_X)}")
     ahead = 1
     while ahead <= VIEW_Y and IDX_TO_OBJECT[int(image[VIEW_X, VIEW_Y - ahead, 0])] in ("empty",
                                                                                         "floor"):
@@ -125,10 +126,15 @@ class BabyAIEnv(Environment):
 
     # ---- expert ------------------------------------------------------------------------------
     def _replan(self) -> int:
+        # The bot must replan exactly once per engine step: asked again without a step (after an
+        # invalid action), it would take the last action as repeated.
         if self.bot is None:
             self.bot = BabyAIBot(self.env)
-            return self.bot.replan()
-        return self.bot.replan(self.last_action)
+            self.suggestion = self.bot.replan()
+        elif self.last_action is not None:
+            self.suggestion = self.bot.replan(self.last_action)
+            self.last_action = None
+        return self.suggestion
 
     def _target(self, subgoal) -> tuple[str, str | None] | None:
         """The object a subgoal is about, and where the bot knows it to be (None: not seen)."""
@@ -180,12 +186,12 @@ class BabyAIEnv(Environment):
 
     def expert_step(self, after_mistake: str | None = None) -> tuple[str, str]:
         action = self._replan()
-        stack = [s for s in reversed(self.bot.stack)]
+        stack = list(reversed(self.bot.stack))
         current = self._describe_subgoal(stack[0]) if stack else "finish"
-        if self.bot is not None and after_mistake is not None:
+        if after_mistake is not None:
             head = (f"'{after_mistake}' was a mistake: it did not serve my subgoal "
                     f"({current}). Correcting course.")
-        elif self.last_action is None:
+        elif self.env.unwrapped.step_count == 0:
             plan = "; ".join(f"{k + 1}. {self._describe_subgoal(s)}" for k, s in enumerate(stack))
             head = f"Mission: {self.obs['mission']}. Plan: {plan}."
         else:
