@@ -78,6 +78,23 @@ class Episode:
                 "error": self.error, "seconds": round(self.seconds, 3)}
 
 
+class ActionLineStop:
+    """Stops a row once its response holds a complete ``Action:`` line.
+
+    A model that has not learned to end its turn (a base model, an early checkpoint) would
+    otherwise talk on to ``max_new_tokens`` after its action, at the cost of every other row in
+    the batch; what it says after the action line is never read.
+    """
+
+    def __init__(self, tokenizer, start: int):
+        self.tokenizer, self.start = tokenizer, start
+        self.pattern = re.compile(r"^\s*Action\s*:[^\n]*\S[^\n]*\n", re.IGNORECASE | re.MULTILINE)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        return torch.tensor([bool(self.pattern.search(t)) for t in texts], device=input_ids.device)
+
+
 class Policy:
     """A causal LM that answers chat prompts, a batch at a time (greedy by default).
 
@@ -156,14 +173,18 @@ class Policy:
         attention_mask = torch.tensor(mask, device=device)
         sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
                     if self.temperature > 0 else {"do_sample": False})
+        from transformers import StoppingCriteriaList
+
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
             eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
-            use_cache=True, **sampling, **kwargs)
+            use_cache=True, stopping_criteria=StoppingCriteriaList([ActionLineStop(self.tokenizer, L + N)]),
+            **sampling, **kwargs)
         new = out.sequences[:, L + N:].tolist()
         gen = []
+        ends = set(self.stop) | {self.pad}  # rows stopped early are filled with the pad token
         for row in new:
-            cut = next((i + 1 for i, t in enumerate(row) if t in self.stop), len(row))
+            cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
             gen.append(row[:cut])
         if self.reuse_cache:
             self._keep(keys, prompts, reused, gen, L, N, out.past_key_values)
@@ -251,8 +272,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         pool: Environment instances, by environment name (``task.env``).
         tasks: Episodes to play; results come back in this order.
         batch_size: Episodes generated for in one batch (1: one episode at a time).
-        max_turns: Turn cap: one for all environments, or per environment name; an environment
-            without one uses its own ``max_turns``.
+        max_turns: Turn cap: an upper bound for all environments (each keeps its own lower
+            ``max_turns``), or a cap per environment name (others use their own).
         max_prompt_tokens: An episode whose next prompt is longer ends with status "context".
         on_finish: Called with each finished episode (to save work as it completes).
     """
@@ -321,7 +342,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             ep.seconds += share
             ep.trajectory.messages.append(Message("assistant", response))
             action = parse_action(response)
-            cap = (max_turns if isinstance(max_turns, int)
+            cap = (min(max_turns, ep.env.max_turns) if isinstance(max_turns, int)
                    else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
             if action is None:
                 ep.invalid += 1

@@ -191,3 +191,16 @@ def test_bad_eval_config_values_are_named(tmp_path, override, message):
         cfg = compose("evaluate", overrides=["eval=smoke", override])
     with pytest.raises(ValueError, match=message):
         evaluate(None, None, cfg.eval, tmp_path)
+
+
+def test_generation_stops_a_row_after_its_action_line(tokenizer):
+    from atlas.rollout import ActionLineStop
+
+    prompt = tokenizer("<|im_start|>assistant\n")["input_ids"]
+    rows = ["Thought: go\nAction: move[east]\nObservation: I imagine", "Thought: go\nAction: move[ea",
+            "Action:\nThought: still thinking", "I will act.\n"]
+    ids = [prompt + tokenizer(r)["input_ids"] for r in rows]
+    width = max(map(len, ids))
+    batch = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
+    stop = ActionLineStop(tokenizer, start=len(prompt))
+    assert stop(batch, None).tolist() == [True, False, False, False]

@@ -16,10 +16,15 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import logging
 import random
 from dataclasses import dataclass
 
 SPLITS = ("train", "test")
+
+# ScienceWorld and TextWorld-Express talk to their JVMs through py4j, which logs every socket
+# it opens at INFO level into the job's log.
+logging.getLogger("py4j").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
