@@ -166,9 +166,13 @@ class Policy:
             mask.append([0] * (L - r) + [1] * r + [0] * (N - len(new)) + [1] * len(new))
         self.reused_tokens += sum(reused)
         self.computed_tokens += sum(len(p) - r for p, r in zip(prompts, reused))
-        kwargs = {}
+        # A static cache: a dynamic one re-copies every row's whole cache at each new token.
+        from transformers import StaticCache
+
+        cache = StaticCache(config=self.model.config, max_cache_len=L + N + self.max_new_tokens)
         if L:
-            kwargs["past_key_values"] = self._batch_cache(keys, reused, L, device)
+            for layer, (k, v) in zip(cache.layers, self._batch_cache(keys, reused, L, device)):
+                layer.update(k, v)
         input_ids = torch.tensor(rows, device=device)
         attention_mask = torch.tensor(mask, device=device)
         sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
@@ -178,8 +182,8 @@ class Policy:
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
             eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
-            use_cache=True, stopping_criteria=StoppingCriteriaList([ActionLineStop(self.tokenizer, L + N)]),
-            **sampling, **kwargs)
+            use_cache=True, past_key_values=cache,
+            stopping_criteria=StoppingCriteriaList([ActionLineStop(self.tokenizer, L + N)]), **sampling)
         new = out.sequences[:, L + N:].tolist()
         gen = []
         ends = set(self.stop) | {self.pad}  # rows stopped early are filled with the pad token
@@ -190,9 +194,8 @@ class Policy:
             self._keep(keys, prompts, reused, gen, L, N, out.past_key_values)
         return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
 
-    def _batch_cache(self, keys, reused, L, device):
-        from transformers import DynamicCache
-
+    def _batch_cache(self, keys, reused, L, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer, the cached keys and values of every row, left-padded to length ``L``."""
         layers = []
         for layer in range(len(next(iter(self.cache.values()))[1])):
             kv = []
@@ -205,11 +208,11 @@ class Policy:
                         t[b, :, L - r:] = self.cache[key][1][layer][part][:, :r]
                 kv.append(t)
             layers.append(tuple(kv))
-        return DynamicCache(layers)
+        return layers
 
     def _keep(self, keys, prompts, reused, gen, L, N, cache) -> None:
         """Store each row's keys/values for its real tokens (the cache lacks the last token)."""
-        length = cache.get_seq_length()
+        length = int(cache.get_seq_length())
         for b, (key, p, r, g) in enumerate(zip(keys, prompts, reused, gen)):
             if key is None:
                 continue
