@@ -8,6 +8,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from atlas.data.generate import expert_turns
 from atlas.envs.maze import parse, shortest_distances
 from conftest import CONF
 
@@ -131,20 +132,11 @@ def test_expert_solves_test_tasks(env, mistake_at):
     rng = random.Random(0)
     for task in env.tasks("test", 90):
         env.reset(task)
-        optimal, after = env.dist[env.pos], None
-        for turn in range(env.max_turns):
-            if turn == mistake_at:
-                thought, action = env.mistake(rng)
-                after = action
-            else:
-                thought, action = env.expert_step(after)
-                after = None
-            fb = env.step(action)
-            assert "fell into" not in fb.observation
-            if fb.done:
-                break
-        assert fb.success, task.id
+        optimal = env.dist[env.pos]
+        turns = list(expert_turns(env, mistake_at, rng))
+        assert not any("fell into" in fb.observation for _, _, fb in turns)
+        assert turns[-1][2].success, task.id
         if mistake_at is None:
-            assert turn + 1 == optimal
+            assert len(turns) == optimal
         else:
-            assert optimal < turn + 1 <= optimal + 2  # an edge bump costs 1 move, a detour 2
+            assert optimal < len(turns) <= optimal + 2  # an edge bump costs 1 move, a detour 2

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from atlas.data.generate import expert_turns
 from atlas.envs.base import Task
 from atlas.envs.scienceworld import NO_MATCH, compact, parse
 from conftest import CONF
@@ -31,19 +32,10 @@ def play(env, task: Task, mistake_at: float | None = None, rng=None):
     gold path, which is known only after the reset: (feedback, turns)."""
     env.reset(task)
     at = int(mistake_at * (len(env.gold) - 1)) if mistake_at is not None else None
-    turns, after = [], None
-    for turn in range(env.max_turns):
-        if turn == at:
-            thought, action = env.mistake(rng)
-            after = action
-        else:
-            thought, action = env.expert_step(after)
-            after = None
-        fb = env.step(action)
-        turns.append((thought, action, fb))
-        if fb.done:
-            return fb, turns
-    raise AssertionError(f"{task.id}: no end within max_turns")
+    turns = list(expert_turns(env, at, rng))
+    if not turns[-1][2].done:
+        raise AssertionError(f"{task.id}: no end within max_turns")
+    return turns[-1][2], turns
 
 
 def test_config_composes_with_short_families():

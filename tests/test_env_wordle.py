@@ -9,6 +9,7 @@ import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from atlas.data.generate import expert_turns
 from atlas.envs import wordle
 from atlas.envs.base import Task
 from atlas.envs.wordle import GREEN, GREY, YELLOW, feedback
@@ -28,19 +29,10 @@ def start(env, word: str) -> str:
 def play(env, task: Task, mistake_at: int | None = None, rng=None):
     """Expert episode, with the mistake injected at action ``mistake_at``; (feedback, steps)."""
     env.reset(task)
-    steps, after = [], None
-    for turn in range(env.max_turns):
-        if turn == mistake_at:
-            thought, action = env.mistake(rng)
-            after = action
-        else:
-            thought, action = env.expert_step(after)
-            after = None
-        fb = env.step(action)
-        steps.append((thought, action, fb))
-        if fb.done:
-            return fb, steps
-    raise AssertionError("episode did not end within max_turns")
+    steps = list(expert_turns(env, mistake_at, rng))
+    if not steps[-1][2].done:
+        raise AssertionError("episode did not end within max_turns")
+    return steps[-1][2], steps
 
 
 @pytest.mark.parametrize("guess, answer, marks", [

@@ -17,6 +17,7 @@ import logging
 import random
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import hydra
 from hydra.utils import instantiate
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 
 from atlas.data.formats import write_trajectories
 from atlas.data.trajectory import Message, Trajectory
-from atlas.envs.base import Environment, Task
+from atlas.envs.base import Environment, Feedback, Task
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +42,42 @@ def observation_turn(observation: str) -> str:
     return f"Observation: {observation}"
 
 
+def expert_turns(env: Environment, mistake_at: int | None = None,
+                 rng: random.Random | None = None) -> Iterator[tuple[str, str, Feedback]]:
+    """Play the episode ``env`` was just reset to with its expert, turn by turn.
+
+    Yields (thought, action, feedback) until the episode ends or ``env.max_turns`` is reached;
+    at turn ``mistake_at`` the action is ``env.mistake`` and the next turn the expert's recovery.
+    """
+    rng = rng or random.Random(0)
+    mistake = None
+    for turn in range(env.max_turns):
+        if turn == mistake_at:
+            thought, action = env.mistake(rng)
+        else:
+            thought, action = env.expert_step(after_mistake=mistake)
+        feedback = env.step(action)
+        mistake = action if turn == mistake_at else None
+        yield thought, action, feedback
+        if feedback.done:
+            return
+
+
 def expert_episode(env: Environment, task: Task, mistake_at: int | None = None,
                    rng: random.Random | None = None) -> Trajectory:
     """Play ``task`` with the environment's expert; inject a wrong action at step ``mistake_at``.
 
     Returns the episode as a trajectory; ``meta`` says whether the expert solved it.
     """
-    rng = rng or random.Random(task.id)
     messages = [Message("user", env.reset(task))]
-    mistake, feedback, injected = None, None, None
-    for turn in range(env.max_turns):
-        if turn == mistake_at:
-            thought, action = env.mistake(rng)
-            injected = turn
-        else:
-            thought, action = env.expert_step(after_mistake=mistake)
+    feedback, turns = None, 0
+    for thought, action, feedback in expert_turns(env, mistake_at, rng or random.Random(task.id)):
         messages.append(Message("assistant", agent_turn(thought, action)))
-        feedback = env.step(action)
         messages.append(Message("user", observation_turn(feedback.observation)))
-        mistake = action if turn == mistake_at else None
-        if feedback.done:
-            break
+        turns += 1
     # The final observation only closes the episode: a trajectory ends on the agent's last step.
     messages.pop()
+    injected = mistake_at if mistake_at is not None and mistake_at < turns else None
     meta = {"source": "expert", "task": task.name, "seed": task.seed, "split": task.split,
             "success": bool(feedback and feedback.success),
             "score": float(feedback.score) if feedback else 0.0,

@@ -24,7 +24,8 @@ SPLITS = ("train", "test")
 
 # ScienceWorld and TextWorld-Express talk to their JVMs through py4j, which logs every socket
 # it opens at INFO level into the job's log.
-logging.getLogger("py4j").setLevel(logging.WARNING)
+for _name in ("py4j", "scienceworld"):  # (and ScienceWorld every task load)
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
