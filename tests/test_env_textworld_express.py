@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import re
 
 import pytest
@@ -10,12 +9,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from atlas.data.generate import expert_turns
 from atlas.envs.base import Task
 from atlas.envs.textworld_express import quantity, route
-from conftest import CONF
+from conftest import CONF, check_recovery, play_gold_path as play
 
-pytest.importorskip("textworld_express")
 UNKNOWN = "Unknown action: I'm not sure what you mean."
 
 
@@ -24,17 +21,6 @@ def env(request):
     environment = instantiate(OmegaConf.load(CONF / "env" / f"{request.param}.yaml"))
     yield environment
     environment.close()
-
-
-def play(env, task: Task, mistake_at: float | None = None, rng=None):
-    """Expert episode, with a mistake injected ``mistake_at`` (a fraction) of the way along the
-    gold path, which is known only after the reset: (feedback, turns)."""
-    env.reset(task)
-    at = int(mistake_at * (len(env.gold) - 1)) if mistake_at is not None else None
-    turns = list(expert_turns(env, at, rng))
-    if not turns[-1][2].done:
-        raise AssertionError(f"{task.id}: no end within max_turns")
-    return turns[-1][2], turns
 
 
 def test_configs_compose_and_hold_out_disjoint_games():
@@ -57,18 +43,7 @@ def test_expert_solves_first_test_tasks_of_every_game(env):
 
 def test_expert_recovers_from_an_injected_mistake(env):
     for task in env.tasks("test", 3 * len(env.task_names), offset=4 * len(env.task_names)):
-        rng = random.Random(task.id)
-        fb, turns = play(env, task, rng.random(), rng)
-        assert fb.success and fb.score == 1.0, (task.id, turns)
-        wrong_turns = [i for i, (_, _, f) in enumerate(turns) if f.observation == UNKNOWN]
-        assert len(wrong_turns) == 1, (task.id, turns)  # the mistake, and only the mistake
-        at = wrong_turns[0]
-        _, wrong, wrong_fb = turns[at]
-        before = turns[at - 1][2].score if at else 0.0
-        assert not wrong_fb.done and wrong_fb.score == before  # the mistake changed nothing
-        recovery, action, _ = turns[at + 1]
-        assert wrong in recovery and UNKNOWN in recovery and "plan" in recovery, recovery
-        assert action != wrong
+        check_recovery(env, task, rejection=UNKNOWN)
 
 
 @pytest.mark.parametrize("bad", ["", "fly to the moon", "Action: ???", " \n ", "take"])

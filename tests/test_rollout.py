@@ -16,7 +16,7 @@ from atlas.envs.maze import MazeEnv
 from atlas.evaluation import summarize
 from atlas.model import load_model
 from atlas.rollout import EnvPool, Policy, parse_action, run_episodes
-from conftest import CONF, ROOT, TOKENIZER
+from conftest import CONF, ROOT
 
 
 @pytest.mark.parametrize("text,action", [
