@@ -20,6 +20,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -195,6 +196,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     wandb_offline_by_default()
     L.seed_everything(cfg.seed)
     model, tokenizer = load_agent(cfg.get("checkpoint"), cfg.model)
+    if torch.cuda.is_available():
+        model.to("cuda")
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     try:
         if logger:

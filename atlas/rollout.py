@@ -29,7 +29,7 @@ from atlas.envs.base import Environment, Task
 
 log = logging.getLogger(__name__)
 
-ACTION = re.compile(r"^\s*Action\s*:\s*(.*?)\s*$", re.IGNORECASE | re.MULTILINE)
+ACTION = re.compile(r"^[ \t]*Action[ \t]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
 FORMAT_HINT = ("Invalid response: no action found. Answer with two lines:\n"
                "Thought: <your reasoning>\nAction: <your action>")
 
@@ -118,15 +118,20 @@ class Policy:
                  top_p: float = 1.0, reuse_cache: bool = True):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
-        self.reuse_cache = reuse_cache
+        # Sliding-window layers (Gemma, Mistral v0.1) keep a rolling window, not absolute
+        # positions, so a cached prefix cannot be re-inserted into them.
+        text_config = model.config.get_text_config(decoder=True)
+        sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or ()) or bool(
+            getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True))
+        if reuse_cache and sliding:
+            log.warning("the model has sliding-window attention: KV cache reuse across turns is off")
+        self.reuse_cache = reuse_cache and not sliding
         self.cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.reused_tokens = self.computed_tokens = 0  # prompt tokens read from / fed to the model
         # stop at the end of the assistant turn (ChatML <|im_end|>, Llama <|eot_id|>, ...)
-        self.stop = sorted({i for i in (tokenizer.eos_token_id,
-                                        tokenizer.convert_tokens_to_ids("<|im_end|>"),
-                                        tokenizer.convert_tokens_to_ids("<|eot_id|>"),
-                                        tokenizer.convert_tokens_to_ids("<end_of_turn>"))
-                            if isinstance(i, int) and i != tokenizer.unk_token_id})
+        ends = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"))
+        self.stop = sorted({i for i in ends if isinstance(i, int) and i != tokenizer.unk_token_id}
+                           | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
 
     def prompt_ids(self, chat: list[dict[str, str]]) -> list[int]:
@@ -183,6 +188,7 @@ class Policy:
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
             eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
             use_cache=True, past_key_values=cache,
+            disable_compile=True,  # batch and cache sizes change every turn: no recompiles
             stopping_criteria=StoppingCriteriaList([ActionLineStop(self.tokenizer, L + N)]), **sampling)
         new = out.sequences[:, L + N:].tolist()
         gen = []
@@ -265,6 +271,15 @@ class EnvPool:
             self._close(env)
 
 
+def _trajectory(task: Task, first: str, system: str) -> Trajectory:
+    """An episode's trajectory before its first step (``first``: the goal and observation)."""
+    # A placeholder assistant turn satisfies Trajectory's invariant; it is dropped at once.
+    trajectory = Trajectory(task.id, task.env, [Message("user", first), Message("assistant", "")],
+                            system, meta={"source": "rollout"})
+    trajectory.messages.pop()
+    return trajectory
+
+
 def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: int = 16,
                  max_turns: int | dict[str, int] | None = None, max_prompt_tokens: int = 4096,
                  on_finish: Callable[[Episode], None] | None = None) -> list[Episode]:
@@ -275,8 +290,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         pool: Environment instances, by environment name (``task.env``).
         tasks: Episodes to play; results come back in this order.
         batch_size: Episodes generated for in one batch (1: one episode at a time).
-        max_turns: Turn cap: an upper bound for all environments (each keeps its own lower
-            ``max_turns``), or a cap per environment name (others use their own).
+        max_turns: Turn bound: one for all environments, or one per environment name; an
+            environment's own ``max_turns`` always applies too.
         max_prompt_tokens: An episode whose next prompt is longer ends with status "context".
         on_finish: Called with each finished episode (to save work as it completes).
     """
@@ -302,17 +317,23 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
 
     def start(i: int) -> None:
         task = tasks[i]
-        env = pool.acquire(task.env)
         t0 = time.time()
+        try:
+            env = pool.acquire(task.env)
+        except Exception as e:  # noqa: BLE001 - an engine that fails to start fails the episode
+            episodes[i] = ep = Episode(task, _trajectory(task, "", ""))
+            ep.status, ep.error = "error", f"start: {type(e).__name__}: {e}"
+            ep.trajectory.meta.update(ep.record())
+            bar.update()
+            if on_finish:
+                on_finish(ep)
+            return
         try:
             first, error = env.reset(task), None
         except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
             first, error = "", f"reset: {type(e).__name__}: {e}"
-        # A placeholder assistant turn satisfies Trajectory's invariant; it is dropped at once.
-        trajectory = Trajectory(task.id, task.env, [Message("user", first), Message("assistant", "")],
-                                env.instruction, meta={"source": "rollout"})
-        trajectory.messages.pop()
-        episodes[i] = ep = Episode(task, trajectory, env=env, seconds=time.time() - t0)
+        episodes[i] = ep = Episode(task, _trajectory(task, first, env.instruction), env=env,
+                                   seconds=time.time() - t0)
         if error:
             finish(ep, "error", error)
         else:
@@ -345,8 +366,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             ep.seconds += share
             ep.trajectory.messages.append(Message("assistant", response))
             action = parse_action(response)
-            cap = (min(max_turns, ep.env.max_turns) if isinstance(max_turns, int)
-                   else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
+            cap = min(ep.env.max_turns, max_turns if isinstance(max_turns, int)
+                      else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
             if action is None:
                 ep.invalid += 1
                 observation, done = FORMAT_HINT, False

@@ -133,6 +133,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 from atlas.evaluation import load_agent
 
                 agent, _ = load_agent(str(model_dir), cfg.model)
+                agent.to(module.device)
             results = evaluate(agent, tokenizer, cfg.eval, out / "eval", logger or None)
             summary["eval"] = {"averages": results["averages"],
                                "results_file": str((out / "eval" / "results.json").resolve())}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import subprocess
 import sys
 
@@ -26,6 +27,7 @@ from conftest import CONF, ROOT
     ("Action: first\nThought: no, better\nAction: second", "second"),
     ("I will go north.", None),
     ("Thought: hmm\nAction:", None),
+    ("Thought: hmm\nAction:\nThought: still thinking", None),  # an empty action is no action
     ("", None),
 ])
 def test_parse_action(text, action):
@@ -33,33 +35,51 @@ def test_parse_action(text, action):
 
 
 @pytest.fixture(scope="module")
-def tiny_policy_parts(tokenizer):
+def chatty_model():
+    """A tiny random Llama with large weights, so that its greedy text varies."""
     torch.manual_seed(0)
-    config = OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config
-    return load_model(config=config), tokenizer
+    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
 
 
-def test_cache_reuse_gives_the_same_responses_as_recomputing(tiny_policy_parts):
-    """Episodes of different lengths, one ending early: reusing each episode's cache across turns
-    must not change a single greedy token."""
-    model, tok = tiny_policy_parts
-    transcripts = {}
+def test_cache_reuse_gives_the_same_responses_as_recomputing(chatty_model, tokenizer):
+    """Episodes of different lengths, one skipping a turn, rows ending at different tokens:
+    reusing each episode's cache across turns must not change a single greedy token, and every
+    stored key/value must equal a fresh forward pass over the stored tokens."""
+    model = chatty_model
+    chats0 = [[{"role": "system", "content": "You are an agent."},
+               {"role": "user", "content": "Task: go north " * (i + 1)}] for i in range(5)]
+    probe = Policy(model, tokenizer, max_new_tokens=10, reuse_cache=False)
+    text = probe.generate([probe.prompt_ids(c) for c in chats0])
+    common = Counter(t for x in text for t in tokenizer(x)["input_ids"]).most_common(2)
+    extra_stops = {t for t, _ in common}  # so that rows stop early, at different steps
+    transcripts, lengths = {}, set()
     for reuse in (False, True):
-        policy = Policy(model, tok, max_new_tokens=12, reuse_cache=reuse)
-        chats = [[{"role": "system", "content": "You are an agent."},
-                  {"role": "user", "content": "Task: go north " * (i + 1)}] for i in range(4)]
-        out = []
-        for turn in range(3):
-            live = [i for i in range(4) if not (i == 1 and turn == 2)]
+        policy = Policy(model, tokenizer, max_new_tokens=10, reuse_cache=reuse)
+        policy.stop = sorted(set(policy.stop) | extra_stops)
+        chats, out = [list(c) for c in chats0], []
+        for turn in range(4):
+            live = [i for i in range(5) if not (i == 1 and turn == 2)]
             responses = policy.generate([policy.prompt_ids(chats[i]) for i in live],
                                         [f"ep{i}" for i in live])
             for i, r in zip(live, responses):
                 chats[i] += [{"role": "assistant", "content": r},
                              {"role": "user", "content": "Observation: " + "more " * (i + turn)}]
             out.append(responses)
+            lengths |= {len(tokenizer(r)["input_ids"]) for r in responses}
+            for ids, layers in policy.cache.values():
+                fresh = model(input_ids=torch.tensor([ids]), use_cache=True).past_key_values
+                for layer, (k, v) in zip(fresh.layers, layers):
+                    torch.testing.assert_close(k, layer.keys[0], atol=1e-4, rtol=1e-4)
+                    torch.testing.assert_close(v, layer.values[0], atol=1e-4, rtol=1e-4)
         transcripts[reuse] = out
         if reuse:
             assert policy.reused_tokens > policy.computed_tokens  # most of each prompt was cached
+    assert len(lengths) > 2  # rows really did end at different lengths
     assert transcripts[True] == transcripts[False]
 
 
@@ -204,3 +224,19 @@ def test_generation_stops_a_row_after_its_action_line(tokenizer):
     batch = torch.tensor([i + [tokenizer.pad_token_id] * (width - len(i)) for i in ids])
     stop = ActionLineStop(tokenizer, start=len(prompt))
     assert stop(batch, None).tolist() == [True, False, False, False]
+
+
+def test_an_engine_that_fails_to_start_fails_its_episodes_only():
+    env = _maze()
+    tasks = env.tasks("test", 2)
+    broken = [t.__class__("broken", t.name, t.seed, t.split) for t in tasks]
+
+    def no_engine():
+        raise OSError("JVM out of memory")
+
+    scripts = {t.id: ["Thought: x\nAction: move[east]"] for t in tasks + broken}
+    episodes = run_episodes(ScriptedPolicy(scripts), EnvPool({"maze": _maze, "broken": no_engine}),
+                            tasks + broken, batch_size=4, max_turns=1)
+    assert [e.status for e in episodes[2:]] == ["error", "error"]
+    assert "JVM out of memory" in episodes[2].error
+    assert all(e.status != "error" and e.turns == 1 for e in episodes[:2])
