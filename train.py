@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from atlas.utils import secret_overrides
+from atlas.utils import refuse_secret_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -21,8 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if bad := secret_overrides(sys.argv[1:]):
-        sys.exit(f"refusing to start: {', '.join(bad)} would put a secret on the command line, and "
-                 f"Hydra saves overrides to disk. Set it in the environment instead "
-                 f"(OPENAI_API_KEY, ANTHROPIC_API_KEY, WANDB_API_KEY).")
+    refuse_secret_overrides(sys.argv[1:])
     main()

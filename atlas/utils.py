@@ -77,6 +77,15 @@ def secret_overrides(argv: list[str]) -> list[str]:
     return bad
 
 
+def refuse_secret_overrides(argv: list[str]) -> None:
+    """Exit before Hydra starts when an override carries a secret (see ``secret_overrides``)."""
+    if bad := secret_overrides(argv):
+        raise SystemExit(
+            f"refusing to start: {', '.join(bad)} would put a secret on the command line, and "
+            f"Hydra saves overrides to disk. Set it in the environment instead "
+            f"(OPENAI_API_KEY, ANTHROPIC_API_KEY, WANDB_API_KEY).")
+
+
 def wandb_offline_by_default() -> str:
     """W&B runs offline unless the user chose a mode (WANDB_MODE) themselves."""
     os.environ.setdefault("WANDB_MODE", "offline")

@@ -240,3 +240,13 @@ def test_an_engine_that_fails_to_start_fails_its_episodes_only():
     assert [e.status for e in episodes[2:]] == ["error", "error"]
     assert "JVM out of memory" in episodes[2].error
     assert all(e.status != "error" and e.turns == 1 for e in episodes[:2])
+
+
+@pytest.mark.parametrize("entry", [["evaluate.py"], ["-m", "atlas.data.generate"]])
+def test_entry_points_refuse_a_secret_on_the_command_line(tmp_path, entry):
+    script = [str(ROOT / entry[0])] if entry[0].endswith(".py") else entry
+    proc = subprocess.run([sys.executable, *script, "+note=sk-abcdefghijklmnop"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode != 0 and "refusing to start" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written, no Hydra run directory

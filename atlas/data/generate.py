@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from atlas.data.formats import write_trajectories
 from atlas.data.trajectory import Message, Trajectory
 from atlas.envs.base import Environment, Feedback, Task
+from atlas.utils import refuse_secret_overrides
 
 log = logging.getLogger(__name__)
 
@@ -126,4 +127,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    refuse_secret_overrides(sys.argv[1:])
     sys.exit(main())
