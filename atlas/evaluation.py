@@ -119,11 +119,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     episodes_file = out / "episodes.jsonl"
     episodes_file.unlink(missing_ok=True)
     try:
-        tasks = []
-        for name in envs:
-            env = pool.acquire(name)  # the first instance lists the tasks, then plays them
-            tasks += env.tasks(eval_cfg.split, eval_cfg.episodes)
-            pool.release(env)
+        tasks = pool.tasks(eval_cfg.split, eval_cfg.episodes)
         policy = Policy(model, tokenizer, **eval_cfg.generation)
         with episodes_file.open("a", encoding="utf-8") as f:
             def save(ep: Episode) -> None:

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
+from transformers import StaticCache, StoppingCriteriaList
 
 from atlas.data.generate import observation_turn
 from atlas.data.trajectory import Message, Trajectory
@@ -88,11 +89,12 @@ class ActionLineStop:
 
     def __init__(self, tokenizer, start: int):
         self.tokenizer, self.start = tokenizer, start
-        self.pattern = re.compile(r"^\s*Action\s*:[^\n]*\S[^\n]*\n", re.IGNORECASE | re.MULTILINE)
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
-        return torch.tensor([bool(self.pattern.search(t)) for t in texts], device=input_ids.device)
+        # only complete lines count: "Action: move[ea" may still be growing
+        done = [parse_action(t[:t.rfind("\n") + 1]) is not None for t in texts]
+        return torch.tensor(done, device=input_ids.device)
 
 
 class Policy:
@@ -172,8 +174,6 @@ class Policy:
         self.reused_tokens += sum(reused)
         self.computed_tokens += sum(len(p) - r for p, r in zip(prompts, reused))
         # A static cache: a dynamic one re-copies every row's whole cache at each new token.
-        from transformers import StaticCache
-
         cache = StaticCache(config=self.model.config, max_cache_len=L + N + self.max_new_tokens)
         if L:
             for layer, (k, v) in zip(cache.layers, self._batch_cache(keys, reused, L, device)):
@@ -182,8 +182,6 @@ class Policy:
         attention_mask = torch.tensor(mask, device=device)
         sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
                     if self.temperature > 0 else {"do_sample": False})
-        from transformers import StoppingCriteriaList
-
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
             eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
@@ -202,11 +200,12 @@ class Policy:
 
     def _batch_cache(self, keys, reused, L, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the cached keys and values of every row, left-padded to length ``L``."""
+        first = next(iter(self.cache.values()))[1]  # any cached episode gives the shapes
         layers = []
-        for layer in range(len(next(iter(self.cache.values()))[1])):
+        for layer in range(len(first)):
             kv = []
             for part in (0, 1):
-                ref = next(iter(self.cache.values()))[1][layer][part]
+                ref = first[layer][part]
                 t = torch.zeros((len(keys), ref.shape[0], L, ref.shape[2]), dtype=ref.dtype,
                                 device=device)
                 for b, (key, r) in enumerate(zip(keys, reused)):
@@ -251,6 +250,15 @@ class EnvPool:
             self.idle[name].append(env)
         self.busy[name] += 1
         return self.idle[name].pop()
+
+    def tasks(self, split: str, n: int) -> list[Task]:
+        """``n`` tasks of ``split`` per environment; the instance that lists them stays pooled."""
+        tasks = []
+        for name in self.factories:
+            env = self.acquire(name)
+            tasks += env.tasks(split, n)
+            self.release(env)
+        return tasks
 
     def release(self, env: Environment, broken: bool = False) -> None:
         self.busy[env.name] -= 1
@@ -309,8 +317,9 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         ep.status, ep.error = status, error
         policy.forget(ep.task.id)
         ep.trajectory.meta.update(ep.record())
-        pool.release(ep.env, broken=status == "error")
-        ep.env = None
+        if ep.env is not None:  # None: its engine never started
+            pool.release(ep.env, broken=status == "error")
+            ep.env = None
         bar.update()
         if on_finish:
             on_finish(ep)
@@ -322,12 +331,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             env = pool.acquire(task.env)
         except Exception as e:  # noqa: BLE001 - an engine that fails to start fails the episode
             episodes[i] = ep = Episode(task, _trajectory(task, "", ""))
-            ep.status, ep.error = "error", f"start: {type(e).__name__}: {e}"
-            ep.trajectory.meta.update(ep.record())
-            bar.update()
-            if on_finish:
-                on_finish(ep)
-            return
+            return finish(ep, "error", f"start: {type(e).__name__}: {e}")
         try:
             first, error = env.reset(task), None
         except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run

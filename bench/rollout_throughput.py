@@ -27,12 +27,7 @@ def play(model, tokenizer, env_cfgs, episodes: int, batch_size: int, max_turns: 
 
     pool = EnvPool({name: (lambda c=c: instantiate(c)) for name, c in env_cfgs.items()},
                    instances=batch_size)
-    tasks = []
-    for name in env_cfgs:
-        env = pool.acquire(name)
-        tasks += env.tasks("test", episodes)
-        pool.release(env)
-    # the first instance of each engine is already started: its start-up is not timed
+    tasks = pool.tasks("test", episodes)  # starts one instance per engine, before the clock
     policy = Policy(model, tokenizer, max_new_tokens=max_new_tokens, reuse_cache=reuse_cache)
     t0 = time.perf_counter()
     try:
