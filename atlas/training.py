@@ -2,8 +2,10 @@
 
 Every arrow leaves a file in the run's output directory:
 
-- ``selection.jsonl``: the training trajectories with the selector's choice (atlas format; feed it
-  back with ``data.files=[...] data.val_fraction=0 selector=full`` to train on exactly it);
+- ``selection.jsonl``: the training trajectories with the selector's choice, each recording it in
+  ``meta.selection`` (atlas format; ``selection_file=`` reuses it, and ``data.files=[...]
+  data.val_fraction=0 selector=full`` trains on exactly it), with its exports
+  ``selection.agentgym.jsonl`` and ``selection.openai.jsonl`` (see atlas/selection.py);
 - ``checkpoints/``: Lightning checkpoints (``ckpt_path=.../last.ckpt`` resumes);
 - ``model/``: the trained model (or PEFT adapter) and tokenizer, saved with ``save_pretrained``;
 - ``eval/``: rollouts of the trained model on the held-in and held-out test tasks
@@ -26,8 +28,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from atlas.data.datamodule import load_trajectories, split_trajectories
-from atlas.data.formats import write_trajectories
 from atlas.model import load_model, load_tokenizer
+from atlas.selection import apply_selections, log_failures, select_steps, summarize, write_selection
 from atlas.utils import atomic_write, redact, single_log_handler, wandb_offline_by_default
 
 log = logging.getLogger(__name__)
@@ -66,12 +68,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
     train_t, val_t = split_trajectories(trajectories, d.val_fraction)
 
-    # 2. selection (selector + ratio)
+    # 2. selection (selector + oracle + ratio; reused from selection_file, oracle answers cached)
     selector = instantiate(cfg.selector)
-    selection = selector.select(train_t)
+    selections = select_steps(selector, train_t, cfg.get("selection_file"))
+    selection = apply_selections(train_t, selections)
     selection_file = out / "selection.jsonl"
     if rank_zero_only.rank == 0:  # DDP children run this function too
-        write_trajectories(selection_file, selection)
+        write_selection(out, train_t, selections)
+    log_failures(selections, selector.on_failure)
 
     # 3. masked examples (chat template, labels only on the selected steps)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
@@ -79,6 +83,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(d.loader, _partial_=True)(train=selection, val=val_t, tokenizer=tokenizer)
     datamodule.setup("fit")
     stats = dict(datamodule.stats)
+    selected = summarize(selections)
+    stats.update({f"select/{k}": v for k, v in selected.items() if k != "criteria"})
     log.info("selector=%s%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
              selector.name, "" if selector.name == "full" else f" ratio={cfg.ratio}",
              stats["train/supervised_steps"], stats["train/steps"],
@@ -96,7 +102,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         trainer.logger.log_hyperparams({**safe_config, "choices": choices, "selection": stats})
     summary: dict[str, Any] = {"choices": choices, "selector": selector.name, "ratio": cfg.ratio,
-                               "seed": cfg.seed, "selection": stats}
+                               "seed": cfg.seed, "selection": stats,
+                               "criteria": selected["criteria"], "oracle_run": selector.last_run}
     try:
         if cfg.get("validate_before_training") and datamodule.val_examples and not cfg.get("ckpt_path"):
             [before] = trainer.validate(module, datamodule=datamodule, verbose=False)

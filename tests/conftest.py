@@ -81,3 +81,12 @@ def check_recovery(env, task, rejection: str) -> None:
     recovery, action, _ = turns[at + 1]
     assert wrong in recovery and rejection in recovery and "plan" in recovery, recovery
     assert action != wrong
+
+
+@pytest.fixture(autouse=True)
+def _private_selection_caches(tmp_path, monkeypatch):
+    """Oracle answers and step scores go to the test's directory, not the user's cache."""
+    import atlas.oracle
+
+    monkeypatch.setattr(atlas.oracle, "default_cache_dir",
+                        lambda kind="oracle": tmp_path / "atlas-cache" / kind)

@@ -1,5 +1,7 @@
 """Selectors: the shared k(ratio, n), candidates from the source file, determinism."""
 
+import json
+
 import pytest
 from hydra.utils import instantiate
 
@@ -52,3 +54,178 @@ def test_source_mask_limits_the_candidates(shared_data):
     for seed in range(20):
         chosen = RandomSelector(0.3, seed=seed).select([t])[0].selected_steps
         assert 0 not in chosen and len(chosen) == num_selected(0.3, len(candidates))
+
+
+# ---- every selector, from the configs ------------------------------------------------------------
+
+from atlas.data.formats import read_trajectories as _read  # noqa: E402
+from atlas.selection import (Selection, apply_selections, saved_selections,  # noqa: E402
+                             write_selection)
+from conftest import ROOT  # noqa: E402
+
+DEFAULT = ROOT / "atlas" / "data" / "default"
+RATIO_SELECTORS = ["random", "critical", "heuristic", "noncritical", "perplexity", "hybrid"]
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    """Trajectories of every default environment, with and without injected mistakes."""
+    return [t for env in ("babyai", "scienceworld", "twx", "wordle")
+            for t in _read(DEFAULT / f"{env}.jsonl")[:5]]
+
+
+def _selector(tmp_path, name, *overrides):
+    return instantiate(compose_train(tmp_path, f"selector={name}", *overrides).selector)
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])
+def test_every_selector_keeps_the_same_k(tmp_path, mixed, ratio):
+    chosen = {}
+    for name in RATIO_SELECTORS:
+        selections = _selector(tmp_path, name, f"ratio={ratio}").selections(mixed)
+        assert all(s.ok for s in selections), name
+        for t, s in zip(mixed, selections):
+            assert s.k == num_selected(ratio, t.num_steps)
+            assert len(s.steps) == s.k, (name, t.id)  # the heuristic oracle marks exactly k
+            assert len(set(s.steps)) == s.k and set(s.steps) <= set(t.selected_steps)
+        chosen[name] = [set(s.steps) for s in selections]
+    # noncritical never overlaps what the same oracle marked critical
+    for crit, non, t in zip(chosen["critical"], chosen["noncritical"], mixed):
+        assert not crit & non or len(crit) + len(non) > t.num_steps
+    assert chosen["critical"] == chosen["heuristic"]  # the default oracle is the heuristic
+
+
+def test_perplexity_ranks_steps_by_the_base_models_nll(tmp_path, mixed):
+    selector = _selector(tmp_path, "perplexity", "ratio=0.3")
+    selections = selector.selections(mixed[:4])
+    for t, s in zip(mixed, selections):
+        assert len(s.scores) == t.num_steps and all(x is None or x > 0 for x in s.scores)
+        ranked = sorted(range(t.num_steps), key=lambda i: (-(s.scores[i] or -1), i))
+        assert s.steps == ranked[:s.k]
+    assert not selector.cacheable  # a random tiny model's scores are not cached
+    # the scores are the NLL the training loss computes on that step alone
+    import torch
+
+    from atlas.data.masking import encode
+    from atlas.module import masked_nll
+    from atlas.model import load_model, load_tokenizer
+
+    cfg = compose_train(tmp_path, "selector=perplexity").model
+    t = next(t for t in mixed if t.num_steps >= 4)
+    torch.manual_seed(0)  # the same random tiny model both times
+    [s] = selector.selections([t])
+    torch.manual_seed(0)
+    model = load_model(**cfg).eval()
+    ex = encode(t.with_selection([2]), load_tokenizer(cfg.tokenizer), max_length=None)
+    logits = model(input_ids=torch.tensor([ex.input_ids])).logits
+    loss, _, _ = masked_nll(logits, torch.tensor([ex.labels]), torch.tensor([ex.step_ids]))
+    assert s.scores[2] == pytest.approx(loss.item(), rel=1e-4)
+
+
+def test_hybrid_keeps_the_oracles_steps_and_fills_k_by_the_metric(tmp_path, mixed):
+    hybrid = _selector(tmp_path, "hybrid", "ratio=0.5")
+    critical = _selector(tmp_path, "critical", "ratio=0.5")
+    for t, h, c in zip(mixed, hybrid.selections(mixed), critical.selections(mixed)):
+        assert set(c.steps) <= set(h.steps) and len(h.steps) == h.k
+        marked = [s for s in h.steps if s in c.steps]
+        assert h.steps[:len(marked)] == marked  # every oracle step ranks first
+        assert all(h.criteria[i] for i in range(len(marked)))
+    # with no weight on the oracle it is the metric's ranking; with no weight on the metric,
+    # the oracle's steps in step order, then the rest in step order
+    zero = [f"selector.weights.{c}=0" for c in ("plan_creation", "critical_observation",
+                                                 "critical_action", "self_correction")]
+    import torch
+
+    torch.manual_seed(0)  # the same random tiny model scores the steps in both
+    metric_only = _selector(tmp_path, "hybrid", "ratio=0.5", *zero).selections(mixed)
+    torch.manual_seed(0)
+    perplexity = _selector(tmp_path, "perplexity", "ratio=0.5").selections(mixed)
+    assert [s.steps for s in metric_only] == [s.steps for s in perplexity]
+    oracle_only = _selector(tmp_path, "hybrid", "ratio=0.5", "selector.metric_weight=0")
+    for t, h, c in zip(mixed, oracle_only.selections(mixed), critical.selections(mixed)):
+        assert h.steps == (sorted(c.steps) + [s for s in range(t.num_steps)
+                                              if s not in c.steps])[:h.k]
+
+
+def test_selection_file_records_and_exports_the_choice(tmp_path, mixed):
+    selector = _selector(tmp_path, "critical", "ratio=0.3")
+    selections = selector.selections(mixed)
+    selections[1] = Selection(trajectory_id=mixed[1].id, fingerprint=mixed[1].fingerprint(),
+                              signature=selector.signature(), k=selections[1].k, steps=[],
+                              status="failed", error="invalid answer twice")
+    files = write_selection(tmp_path, mixed, selections)
+    saved = _read(files["selection"])
+    assert [t.id for t in saved] == [t.id for t in mixed]
+    meta = saved[0].meta["selection"]
+    assert meta["signature"] == {"selector": "critical", "ratio": 0.3, "oracle": "heuristic",
+                                 "model": "rules", "prompt_version": "heuristic-v1"}
+    assert meta["plan"] and len(meta["criteria"]) == len(meta["steps"]) == meta["k"]
+    assert saved[0].selected_steps == sorted(selections[0].steps)
+    step = saved[0].steps[selections[0].steps[0]].message
+    assert step.criterion == selections[0].criteria[0] and step.reason == selections[0].reasons[0]
+    assert saved[1].selected_steps == [] and saved[1].meta["selection"]["status"] == "failed"
+    # the exports hold the valid selections as AgentGym loss flags and OpenAI weights
+    gym = _read(files["agentgym"], format="agentgym")
+    oai = [json.loads(line) for line in open(files["openai"])]
+    assert len(gym) == len(oai) == len(mixed) - 1
+    assert gym[0].selected_steps == saved[0].selected_steps
+    weights = [m["weight"] for m in oai[0]["messages"] if m["role"] == "assistant"]
+    assert [i for i, w in enumerate(weights) if w] == saved[0].selected_steps
+    # reused only for the same selector config and the same trajectories
+    again, why = saved_selections(mixed, saved, selector.signature())
+    assert why == "" and [s.steps for s in again] == [s.steps for s in selections]
+    assert saved_selections(mixed, saved, {**selector.signature(), "ratio": 0.5})[0] is None
+    changed = [mixed[0].with_selection([0])] + mixed[1:]
+    none, why = saved_selections(changed, saved, selector.signature())
+    assert none is None and "has changed" in why
+    assert apply_selections(mixed, again)[0].meta["selection"]["steps"] == selections[0].steps
+
+
+def test_train_reuses_a_matching_selection_file(tmp_path, caplog):
+    import logging
+
+    from atlas.training import train
+
+    caplog.set_level(logging.INFO, logger="atlas")
+    common = ["selector=critical", "ratio=0.3", "trainer.max_steps=1"]
+    first = train(compose_train(tmp_path / "a", *common))
+    assert first["selection"]["select/steps_selected"] > 0 and first["criteria"]
+    path = tmp_path / "a" / "selection.jsonl"
+    caplog.clear()
+    train(compose_train(tmp_path / "b", *common, f"selection_file={path}"))
+    assert "reusing the selection in" in caplog.text
+    assert (tmp_path / "b" / "selection.jsonl").read_text() == path.read_text()
+    caplog.clear()
+    train(compose_train(tmp_path / "c", "selector=critical", "ratio=0.5", "trainer.max_steps=1",
+                        f"selection_file={path}"))
+    assert "not reusing" in caplog.text and "selecting again" in caplog.text
+
+
+def test_counterfactual_ranks_steps_by_their_cost_in_the_simulator(tmp_path):
+    trajs = [t for env in ("babyai", "wordle") for t in _read(DEFAULT / f"{env}.jsonl")[:6]]
+    selector = _selector(tmp_path, "counterfactual", "ratio=0.3")
+    selections = selector.selections(trajs)
+    assert selector.last_run == {"scored": len(trajs), "from_cache": 0}
+    for t, s in zip(trajs, selections):
+        assert len(s.scores) == t.num_steps and len(s.steps) == s.k
+        assert min(s.scores[i] for i in s.steps) >= max(
+            [s.scores[i] for i in range(t.num_steps) if i not in s.steps], default=-99)
+    # scores are cached by content; ties are broken by the seed, not by step order
+    again = _selector(tmp_path, "counterfactual", "ratio=0.3")
+    assert [s.steps for s in again.selections(trajs)] == [s.steps for s in selections]
+    assert again.last_run == {"scored": 0, "from_cache": len(trajs)}
+    other = _selector(tmp_path, "counterfactual", "ratio=0.5", "seed=1").selections(trajs)
+    assert [s.scores for s in other] != [s.scores for s in selections]  # other probes
+    fireact = _read(ROOT / "atlas" / "data" / "fireact" / "fireact_hotpotqa.jsonl")[:1]
+    with pytest.raises(ValueError, match=fireact[0].id):
+        selector.selections(fireact)
+
+
+@pytest.mark.parametrize("name", ["critical", "noncritical", "perplexity", "hybrid",
+                                  "counterfactual"])
+def test_train_runs_with_each_selector(tmp_path, name):
+    from atlas.training import train
+
+    summary = train(compose_train(tmp_path, f"selector={name}", "ratio=0.3", "trainer.max_steps=1"))
+    assert summary["selector"] == name and summary["global_step"] == 1
+    assert summary["selection"]["select/failed"] == 0

@@ -138,7 +138,7 @@ def _run_cli(args, cwd, env_extra=None, timeout=600):
 def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path):
     secret = "sk-SENTINEL0123456789abcdef"
     sweep = tmp_path / "sweep"
-    proc = _run_cli(["-m", "selector=full,random", "ratio=0.1,0.3", "model=tiny_llama", "eval=smoke",
+    proc = _run_cli(["-m", "selector=critical,random", "ratio=0.1,0.3", "model=tiny_llama", "eval=smoke",
                      "data.limit=6", "data.val_fraction=0", "trainer.max_steps=1",
                      f"hydra.sweep.dir={sweep}"], cwd=tmp_path,
                     env_extra={"OPENAI_API_KEY": secret, "ANTHROPIC_API_KEY": secret,
@@ -160,7 +160,7 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path)
         [run_dir] = (job / "wandb").glob("offline-run-*")
         assert b"eval/held_out/success" in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
     assert len(run_ids) == 4
-    assert combos == {("full", 0.1), ("full", 0.3), ("random", 0.1), ("random", 0.3)}
+    assert combos == {("critical", 0.1), ("critical", 0.3), ("random", 0.1), ("random", 0.3)}
     # API keys from the environment reach no saved config, log or W&B file
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:

@@ -8,6 +8,8 @@ before it as its context. Selection marks steps; training supervises only the ma
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -96,6 +98,13 @@ class Trajectory:
     @property
     def selected_steps(self) -> list[int]:
         return [s.index for s in self.steps if s.selected]
+
+    def fingerprint(self) -> str:
+        """A hash of the content a selection depends on: system prompt, turns, and which steps
+        the source marks as candidates (not the id, the provenance or an earlier selection's
+        criteria)."""
+        payload = [self.system, [(m.role, m.content, m.selected) for m in self.messages]]
+        return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
     def chat(self) -> list[dict[str, str]]:
         """The conversation as chat-template messages (system prompt first when present)."""
