@@ -20,7 +20,6 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -186,14 +185,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     import wandb
 
+    from atlas.model import resolve_device
     from atlas.utils import redact, single_log_handler, wandb_offline_by_default
 
     single_log_handler()
     wandb_offline_by_default()
     L.seed_everything(cfg.seed)
     model, tokenizer = load_agent(cfg.get("checkpoint"), cfg.model)
-    if torch.cuda.is_available():
-        model.to("cuda")
+    model.to(resolve_device())
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     try:
         if logger:

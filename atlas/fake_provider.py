@@ -177,7 +177,9 @@ class FakeProvider:
             Anthropic: ``base_url=url``).
         requests: every request received, in order: ``{"method", "path" (no query string),
             "query" (dict of lists), "headers" (lowercased keys, secrets replaced by "***"),
-            "body" (parsed JSON, else text, else bytes; None when empty)}``.
+            "body" (parsed JSON, else text, else bytes; None when empty), "time" (monotonic
+            arrival)}``.
+        max_in_flight: the most requests served at once (to check a client's concurrency).
         batch_overrides: ``custom_id -> fault-like dict`` applied to batch lines:
             ``{"answer": {...}}``, ``{"content": "raw text"}`` or ``{"status": 400}`` (an
             errored line). Not consumed.
@@ -189,6 +191,8 @@ class FakeProvider:
         self.latency = latency
         self.answer = answer or default_answer
         self.batch_polls = batch_polls
+        self.in_flight = 0
+        self.max_in_flight = 0  # the most requests served at once (concurrency limits)
         self.batch_overrides: dict[str, dict] = {}
         self.requests: list[dict] = []
         self.url = ""
@@ -619,9 +623,11 @@ class _Handler(BaseHTTPRequestHandler):
         record = {"method": self.command, "path": split.path, "query": parse_qs(split.query),
                   "headers": {k: ("***" if k in _SECRET_HEADERS else v)
                               for k, v in self.lower_headers.items()},
-                  "body": body}
+                  "body": body, "time": time.monotonic()}
         with self.fake._lock:
             self.fake.requests.append(record)
+            self.fake.in_flight += 1
+            self.fake.max_in_flight = max(self.fake.max_in_flight, self.fake.in_flight)
         try:
             self.fake._handle(self, self.command, split.path, body)
         except (BrokenPipeError, ConnectionResetError):
@@ -631,6 +637,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_json(500, _openai_error(500, f"fake provider crashed: {exc!r}"))
             except OSError:
                 pass
+        finally:
+            with self.fake._lock:
+                self.fake.in_flight -= 1
 
     do_GET = do_POST = do_DELETE = do_PUT = do_PATCH = _dispatch
 

@@ -88,6 +88,13 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def resolve_device(device: str = "auto") -> str:
+    """``auto``: CUDA when available, else the CPU; any other value as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_tokenizer(name: str):
     """A fast tokenizer with a chat template and a pad token."""
     from transformers import AutoTokenizer

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, StrictInt, ValidationError
 from tqdm.auto import tqdm
 
 from atlas.data.trajectory import Trajectory
@@ -59,7 +60,7 @@ Criterion = Literal["Plan Creation", "Critical Observation", "Critical Action", 
 
 
 class CriticalStep(BaseModel):
-    step: int
+    step: StrictInt  # not true or "1"
     criterion: Criterion
     reason: str
 
@@ -222,25 +223,29 @@ class Judgement:
 
 
 class JsonlCache:
-    """Answers on disk (judgements, step scores): one JSON line appended (and fsynced) as each answer arrives.
+    """Answers on disk (judgements, step scores): one JSON line appended and fsynced as each
+    answer arrives.
 
-    A run killed mid-write leaves at most a truncated last line, which is ignored on load.
+    A run killed mid-write leaves at most a truncated last line: it is ignored on load, and the
+    next write starts on a new line.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.entries: dict[str, dict] = {}
+        self._needs_newline = False
         if self.path.exists():
-            with self.path.open(encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        entry = json.loads(line)
-                        self.entries[entry["key"]] = entry
-                    except (json.JSONDecodeError, KeyError, TypeError):
-                        log.warning("%s:%d: unreadable cache line ignored (an interrupted "
-                                    "write?)", self.path, lineno)
+            text = self.path.read_text(encoding="utf-8")
+            self._needs_newline = bool(text) and not text.endswith("\n")
+            for lineno, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = entry
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    log.warning("%s:%d: unreadable cache line ignored (an interrupted write?)",
+                                self.path, lineno)
 
     def get(self, key: str) -> dict | None:
         return self.entries.get(key)
@@ -248,10 +253,21 @@ class JsonlCache:
     def put(self, entry: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            f.write(("\n" if self._needs_newline else "") + json.dumps(entry, ensure_ascii=False)
+                    + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self._needs_newline = False
         self.entries[entry["key"]] = entry
+
+    def lookup(self, keys: Sequence[str], compute) -> tuple[list[Any], int]:
+        """Values for ``keys`` (``entry["value"]``), computing the missing ones at once with
+        ``compute(missing keys)`` and caching each. Returns (values, how many were computed)."""
+        missing = [k for k in dict.fromkeys(keys) if k not in self.entries]
+        if missing:
+            for key, value in zip(missing, compute(missing), strict=True):
+                self.put({"key": key, "value": value})
+        return [self.entries[k]["value"] for k in keys], len(missing)
 
 
 def default_cache_dir(kind: str = "oracle") -> Path:
@@ -259,6 +275,38 @@ def default_cache_dir(kind: str = "oracle") -> Path:
     from atlas.model import cache_dir
 
     return cache_dir() / kind
+
+
+def public_url(url: str | None) -> str | None:
+    """A URL fit to record: no user, password or query string."""
+    if not url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass
+class _Job:
+    """One oracle request in flight: a prompt, every trajectory that shares it, what it cost."""
+
+    key: str
+    trajectory: Trajectory
+    candidates: list[int]
+    m: int
+    system: str
+    user: str
+    indices: list[int] = field(default_factory=list)
+    spent: dict[str, int] = field(default_factory=lambda: {
+        "input_tokens": 0, "output_tokens": 0, "attempts": 0})
+    error: str | None = None
+
+    def request(self) -> tuple[str, str]:
+        """The prompt to send now: the original, or the re-ask after an invalid answer."""
+        return self.system, self.user if self.error is None else reask(self.user, self.error)
 
 
 class Oracle:
@@ -281,6 +329,8 @@ class Oracle:
     name = "oracle"
     cacheable = True
     prompt_version = PROMPT_VERSION
+    #: consecutive rejected requests (HTTP 400) with no success before the run stops
+    MAX_BAD_REQUESTS = 3
 
     def __init__(self, model: str, concurrency: int = 16, batch: bool = False,
                  price_input: float = 0.0, price_output: float = 0.0,
@@ -297,14 +347,23 @@ class Oracle:
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else None
         self.retry_failed = retry_failed
         self.last_run: dict[str, Any] = {}
+        self._client = None
+        self._bad_requests = 0
+        self._successes = 0
 
     # ---- identity ------------------------------------------------------------------------
-    def signature(self) -> dict[str, str]:
-        """What makes two judgements comparable: recorded with every selection."""
-        return {"oracle": self.name, "model": self.model, "prompt_version": self.prompt_version}
+    def settings(self) -> dict[str, Any]:
+        """Request settings that can change an answer (endpoint, sampling, limits)."""
+        return {}
+
+    def signature(self) -> dict[str, Any]:
+        """What makes two judgements comparable: recorded with every selection and part of
+        every cache key, so a dry run against a local server never passes for GPT-4o."""
+        return {"oracle": self.name, "model": self.model, "prompt_version": self.prompt_version,
+                **self.settings()}
 
     def key(self, system: str, user: str) -> str:
-        payload = json.dumps([self.name, self.model, self.prompt_version, system, user])
+        payload = json.dumps([self.signature(), system, user], sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()
 
     def cost(self, input_tokens: int, output_tokens: int) -> float:
@@ -312,29 +371,55 @@ class Oracle:
         return usd * (self.batch_discount if self.batch else 1.0)
 
     # ---- provider hooks ------------------------------------------------------------------
+    def make_client(self) -> Any:
+        """The provider's async SDK client."""
+        raise NotImplementedError
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = self.make_client()
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None and hasattr(self._client, "close"):
+            await self._client.close()
+        self._client = None
+
     async def complete(self, system: str, user: str) -> Reply:
         """One request: the answer (object or text) and its token usage."""
         raise NotImplementedError
 
-    async def complete_batch(self, requests: dict[str, tuple[str, str]]) -> dict[str, Reply | str]:
-        """Many requests through the provider's batch API: custom_id -> Reply or error text."""
+    async def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
+        """Submit prompts (custom_id -> (system, user)) to the provider's batch API; its id."""
         raise OracleError(f"oracle {self.name} has no batch API; set oracle.batch=false")
+
+    async def collect_batch(self, batch_id: str) -> dict[str, Reply | str]:
+        """Wait for a batch to end: custom_id -> Reply, or the error text of that request."""
+        raise NotImplementedError
 
     def fatal(self, error: Exception) -> bool:
         """Errors that would fail every request alike (credentials, unknown model)."""
         return False
 
-    async def aclose(self) -> None:
-        """Release the provider client."""
+    def transient(self, error: Exception) -> bool:
+        """Errors of one request (connection, timeout, HTTP status after the SDK's retries)."""
+        return False
+
+    def rejected(self, error: Exception) -> bool:
+        """The provider refused the request itself (HTTP 400)."""
+        return False
 
     # ---- judging -------------------------------------------------------------------------
     def judge(self, trajectories: Sequence[Trajectory], candidates: Sequence[Sequence[int]],
               budgets: Sequence[int]) -> list[Judgement]:
         """Judge every trajectory: at most ``budgets[i]`` of ``candidates[i]`` chosen.
 
-        Cached judgements are reused; new ones are cached as they arrive. Prints a progress
-        bar and the token and dollar totals.
+        Cached judgements are reused; new ones are cached as they arrive. Trajectories with the
+        same content are asked once. Prints a progress bar and the token and dollar totals.
         """
+        if not len(trajectories) == len(candidates) == len(budgets):
+            raise ValueError("judge() needs one candidate list and one budget per trajectory")
         return asyncio.run(self._judge_all(list(trajectories), list(candidates), list(budgets)))
 
     def _cache(self) -> JsonlCache | None:
@@ -346,136 +431,164 @@ class Oracle:
         return Judgement(key=key, trajectory_id=trajectory.id, oracle=self.name, model=self.model,
                          prompt_version=self.prompt_version, **fields)
 
-    def _verdict(self, key: str, trajectory: Trajectory, candidates: Sequence[int],
-                 answer: OracleAnswer, spent: dict[str, int]) -> Judgement:
+    def _failure(self, job: _Job, error: str, transient: bool = False) -> Judgement:
+        log.error("oracle %s failed on trajectory %s: %s", self.name, job.trajectory.id, error)
+        return self._judgement(job.key, job.trajectory, status="failed", error=error,
+                               transient=transient, cost_usd=self.cost(
+                                   job.spent["input_tokens"], job.spent["output_tokens"]),
+                               **job.spent)
+
+    def _settle(self, job: _Job, reply: Reply) -> Judgement | None:
+        """Account a reply; its judgement, or None (``job.error`` set) to ask again once."""
+        for k, v in (("attempts", 1), ("input_tokens", reply.input_tokens),
+                     ("output_tokens", reply.output_tokens)):
+            job.spent[k] += v
+        try:
+            answer = check_answer(reply.answer, len(job.candidates), job.m)
+        except InvalidAnswer as e:
+            log.warning("oracle %s: invalid answer for trajectory %s (attempt %d): %s",
+                        self.name, job.trajectory.id, job.spent["attempts"], e)
+            if job.spent["attempts"] >= 2:
+                return self._failure(job, f"invalid answer twice; last: {e}")
+            job.error = str(e)
+            return None
+        self._successes += 1
         return self._judgement(
-            key, trajectory, plan=answer.plan, subgoals=list(answer.subgoals),
-            steps=[candidates[s.step] for s in answer.critical_steps],
+            job.key, job.trajectory, plan=answer.plan, subgoals=list(answer.subgoals),
+            steps=[job.candidates[s.step] for s in answer.critical_steps],
             criteria=[s.criterion for s in answer.critical_steps],
             reasons=[s.reason for s in answer.critical_steps],
-            cost_usd=self.cost(spent["input_tokens"], spent["output_tokens"]), **spent)
+            cost_usd=self.cost(job.spent["input_tokens"], job.spent["output_tokens"]), **job.spent)
 
-    def _failure(self, key: str, trajectory: Trajectory, error: str, spent: dict[str, int],
-                 transient: bool = False) -> Judgement:
-        log.error("oracle %s failed on trajectory %s: %s", self.name, trajectory.id, error)
-        return self._judgement(key, trajectory, status="failed", error=error, transient=transient,
-                               cost_usd=self.cost(spent["input_tokens"], spent["output_tokens"]),
-                               **spent)
+    def _request_failed(self, job: _Job, error: Exception) -> Judgement:
+        """A request that raised: stop the run, or fail this trajectory (not cached)."""
+        if self.fatal(error):
+            raise OracleError(f"oracle {self.name} ({self.model}): {error}") from error
+        if not self.transient(error):
+            raise error  # a bug or a bad setting, not a fault of this one request
+        if self.rejected(error):
+            self._bad_requests += 1
+            if self._bad_requests >= self.MAX_BAD_REQUESTS and not self._successes:
+                raise OracleError(
+                    f"oracle {self.name} ({self.model}): the provider rejected "
+                    f"{self._bad_requests} requests and accepted none; check the oracle "
+                    f"settings (model, response_format, max_tokens). Last: {error}") from error
+        return self._failure(job, f"request failed: {type(error).__name__}: {error}",
+                             transient=True)
 
-    async def judge_one(self, trajectory: Trajectory, candidates: Sequence[int], m: int,
-                        key: str) -> Judgement:
+    async def judge_one(self, job: _Job) -> Judgement:
         """Ask, validate, ask again once with the error, or record the failure."""
-        system, user = prompt(trajectory, candidates, m)
-        spent = {"input_tokens": 0, "output_tokens": 0, "attempts": 0}
-        error = None
-        for attempt in range(2):
+        while True:
             try:
-                reply = await self.complete(system, user if error is None else reask(user, error))
-            except Exception as e:  # noqa: BLE001 -- the SDK already retried; record, go on
-                if self.fatal(e):
-                    raise OracleError(f"oracle {self.name} ({self.model}): {e}") from e
-                return self._failure(key, trajectory, f"request failed: {type(e).__name__}: {e}",
-                                     spent, transient=True)
-            spent["attempts"] += 1
-            spent["input_tokens"] += reply.input_tokens
-            spent["output_tokens"] += reply.output_tokens
-            try:
-                answer = check_answer(reply.answer, len(candidates), m)
-            except InvalidAnswer as e:
-                error = str(e)
-                log.warning("oracle %s: invalid answer for trajectory %s (attempt %d): %s",
-                            self.name, trajectory.id, attempt + 1, error)
-                continue
-            return self._verdict(key, trajectory, candidates, answer, spent)
-        return self._failure(key, trajectory, f"invalid answer twice; last: {error}", spent)
+                reply = await self.complete(*job.request())
+            except Exception as e:  # noqa: BLE001 -- sorted by _request_failed
+                return self._request_failed(job, e)
+            judgement = self._settle(job, reply)
+            if judgement is not None:
+                return judgement
 
-    async def _judge_batch(self, jobs: list[tuple[int, Trajectory, list[int], int, str]],
-                           finish) -> None:
+    def _batch_state(self) -> JsonlCache:
+        """Submitted batches, so that a killed run collects them instead of paying again."""
+        return JsonlCache((self.cache_dir or default_cache_dir()) / f"{self.name}.batches.jsonl")
+
+    async def _judge_batch(self, jobs: list[_Job], finish) -> None:
         """Batch mode: one batch for all prompts, a second for the re-asks of invalid answers."""
-        prompts = {key: prompt(t, c, m) for _, t, c, m, key in jobs}
-        spent = {key: {"input_tokens": 0, "output_tokens": 0, "attempts": 0} for *_, key in jobs}
-        errors: dict[str, str] = {}
+        state = self._batch_state()
         todo = jobs
         for attempt in range(2):
-            replies = await self.complete_batch(
-                {key: (prompts[key][0], prompts[key][1] if attempt == 0
-                       else reask(prompts[key][1], errors[key])) for *_, key in todo})
+            by_key = {job.key: job for job in todo}
+            # a batch of this round submitted by a killed run: collect it rather than resubmit
+            pending = [e for e in state.entries.values() if not e.get("done")
+                       and e.get("attempt") == attempt and set(e["keys"]) <= set(by_key)]
+            batches = [e["key"] for e in pending]
+            covered = {k for e in pending for k in e["keys"]}
+            rest = [job for job in todo if job.key not in covered]
+            if rest:
+                batch_id = await self.submit_batch({job.key: job.request() for job in rest})
+                state.put({"key": batch_id, "attempt": attempt, "keys": [j.key for j in rest]})
+                batches.append(batch_id)
+            else:
+                log.info("collecting %d batch(es) submitted by an earlier run", len(batches))
+            replies: dict[str, Reply | str] = {}
+            for batch_id in batches:
+                got = await self.collect_batch(batch_id)
+                replies.update({key: got.get(key, f"no result in batch {batch_id} (see the log)")
+                                for key in state.entries[batch_id]["keys"]})
             retry = []
             for job in todo:
-                i, t, c, m, key = job
-                reply = replies.get(key, "missing from the batch results")
+                reply = replies[job.key]
                 if isinstance(reply, str):
-                    finish(i, self._failure(key, t, f"batch request failed: {reply}", spent[key],
-                                            transient=True))
-                    continue
-                s = spent[key]
-                s["attempts"] += 1
-                s["input_tokens"] += reply.input_tokens
-                s["output_tokens"] += reply.output_tokens
-                try:
-                    finish(i, self._verdict(key, t, c, check_answer(reply.answer, len(c), m), s))
-                except InvalidAnswer as e:
-                    errors[key] = str(e)
-                    log.warning("oracle %s: invalid answer for trajectory %s (attempt %d): %s",
-                                self.name, t.id, attempt + 1, e)
+                    finish(job, self._failure(job, f"batch request failed: {reply}",
+                                              transient=True))
+                elif (judgement := self._settle(job, reply)) is not None:
+                    finish(job, judgement)
+                else:
                     retry.append(job)
+            for batch_id in batches:
+                state.put({**state.entries[batch_id], "done": True})
             todo = retry
             if not todo:
                 return
-        for i, t, c, m, key in todo:
-            finish(i, self._failure(key, t, f"invalid answer twice; last: {errors[key]}",
-                                    spent[key]))
 
     async def _judge_all(self, trajectories: list[Trajectory], candidates: list[list[int]],
                          budgets: list[int]) -> list[Judgement]:
         t0 = time.time()
         cache = self._cache()
         results: list[Judgement | None] = [None] * len(trajectories)
-        jobs = []
+        jobs: dict[str, _Job] = {}
         for i, (t, c, m) in enumerate(zip(trajectories, candidates, budgets)):
-            key = self.key(*prompt(t, c, m))
+            system, user = prompt(t, c, m)
+            key = self.key(system, user)
             entry = cache.get(key) if cache else None
             if entry and (entry["status"] == "ok" or not self.retry_failed):
-                results[i] = Judgement(**entry, cached=True)
+                results[i] = dataclasses.replace(Judgement(**entry), trajectory_id=t.id,
+                                                 cached=True)
+            elif key in jobs:  # same content as an earlier trajectory: asked once
+                jobs[key].indices.append(i)
             else:
-                jobs.append((i, t, list(c), m, key))
-        bar = tqdm(total=len(jobs), desc=f"oracle {self.name}", unit="trajectory", disable=None)
+                jobs[key] = _Job(key, t, list(c), m, system, user, indices=[i])
+        bar = tqdm(total=len(trajectories), initial=len(trajectories) - sum(
+            len(j.indices) for j in jobs.values()), desc=f"oracle {self.name}",
+            unit="trajectory", disable=None)
 
-        def finish(i: int, judgement: Judgement) -> None:
+        def finish(job: _Job, judgement: Judgement) -> None:
             if cache is not None and not judgement.transient:
                 cache.put(judgement.to_json())
-            results[i] = judgement
-            bar.update()
+            for n, i in enumerate(job.indices):
+                # the first holds what was paid; copies for the same content cost nothing more
+                results[i] = dataclasses.replace(judgement, trajectory_id=trajectories[i].id,
+                                                 **({} if n == 0 else {"cached": True}))
+            bar.update(len(job.indices))
 
         try:
             if jobs and self.batch:
-                await self._judge_batch(jobs, finish)
+                await self._judge_batch(list(jobs.values()), finish)
             elif jobs:
                 semaphore = asyncio.Semaphore(self.concurrency)
 
-                async def one(i, t, c, m, key):
+                async def one(job: _Job) -> None:
                     async with semaphore:
-                        finish(i, await self.judge_one(t, c, m, key))
+                        judgement = await self.judge_one(job)
+                    finish(job, judgement)
 
-                await asyncio.gather(*(one(*job) for job in jobs))
+                await asyncio.gather(*(one(job) for job in jobs.values()))
         finally:
             bar.close()
             await self.aclose()
-        done = [r for r in results if r is not None]
-        self.last_run = self._report(done, time.time() - t0)
-        return done  # all filled: a fatal error raised above
+        assert all(r is not None for r in results), "a trajectory was left without a judgement"
+        self.last_run = self._report(results, time.time() - t0)
+        return results
 
     def _report(self, judgements: list[Judgement], seconds: float) -> dict[str, Any]:
         new = [j for j in judgements if not j.cached]
         run = {
             "oracle": self.name, "model": self.model, "prompt_version": self.prompt_version,
             "trajectories": len(judgements), "from_cache": len(judgements) - len(new),
-            "requested": len(new), "requests": sum(j.attempts for j in new),
+            "requests": sum(j.attempts for j in new),
             "failed": sum(not j.ok for j in judgements),
             "input_tokens": sum(j.input_tokens for j in new),
             "output_tokens": sum(j.output_tokens for j in new),
             "cost_usd": round(sum(j.cost_usd for j in new), 6),
-            "cached_cost_usd": round(sum(j.cost_usd for j in judgements if j.cached), 6),
             "seconds": round(seconds, 2),
         }
         if self.cacheable:
@@ -498,59 +611,79 @@ def api_key(env_var: str, oracle: str, required: bool = True) -> str | None:
     return key
 
 
-class OpenAIOracle(Oracle):
+class APIOracle(Oracle):
+    """An oracle behind a provider SDK (``openai`` or ``anthropic``): key from the environment,
+    the SDK's retries with backoff (``retry-after`` honoured) on connection errors, 408, 409,
+    429 and 5xx, and its exception classes sorted into fatal / per-request.
+
+    Args:
+        base_url: API base URL (None: the SDK default).
+        api_key_env: Environment variable holding the key.
+        max_tokens: Answer token limit.
+        timeout: Seconds per request before the SDK retries it.
+        max_retries: SDK retries.
+    """
+
+    sdk = ""
+    key_required = True
+
+    def __init__(self, model: str, base_url: str | None = None, api_key_env: str = "",
+                 max_tokens: int = 2048, timeout: float = 120.0, max_retries: int = 5, **kw):
+        super().__init__(model, **kw)
+        self.base_url, self.api_key_env, self.max_tokens = base_url, api_key_env, max_tokens
+        self.timeout, self.max_retries = timeout, max_retries
+        api_key(api_key_env, self.name, self.key_required)  # fail before any work
+
+    def settings(self) -> dict[str, Any]:
+        return {"base_url": public_url(self.base_url), "max_tokens": self.max_tokens}
+
+    def _sdk(self):
+        return importlib.import_module(self.sdk)
+
+    def fatal(self, error: Exception) -> bool:
+        sdk = self._sdk()
+        return isinstance(error, (sdk.AuthenticationError, sdk.PermissionDeniedError,
+                                  sdk.NotFoundError))
+
+    def transient(self, error: Exception) -> bool:
+        return isinstance(error, self._sdk().APIError)
+
+    def rejected(self, error: Exception) -> bool:
+        return isinstance(error, self._sdk().BadRequestError)
+
+
+class OpenAIOracle(APIOracle):
     """OpenAI chat models (GPT-4o by default) with structured outputs
     (``client.chat.completions.parse`` with the ``OracleAnswer`` schema).
 
     Args:
-        base_url: API base URL (None: the SDK default or ``OPENAI_BASE_URL``).
-        api_key_env: Environment variable holding the key.
         temperature: Sampling temperature (0: the most reproducible annotations).
-        max_tokens: Answer token limit.
-        timeout: Seconds per request before the SDK retries it.
-        max_retries: SDK retries (exponential backoff, ``retry-after`` honoured) on
-            connection errors, 408, 409, 429 and 5xx.
+        Others: see :class:`APIOracle`.
     """
 
     name = "openai"
-    _key_required = True
+    sdk = "openai"
 
     def __init__(self, model: str = "gpt-4o", base_url: str | None = None,
-                 api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0,
-                 max_tokens: int = 2048, timeout: float = 120.0, max_retries: int = 5, **kw):
-        super().__init__(model, **kw)
-        self.base_url, self.temperature, self.max_tokens = base_url, temperature, max_tokens
-        self.timeout, self.max_retries = timeout, max_retries
-        self.api_key_env = api_key_env
-        api_key(api_key_env, self.name, self._key_required)  # fail before any work
-        self._client = None
+                 api_key_env: str = "OPENAI_API_KEY", temperature: float = 0.0, **kw):
+        super().__init__(model, base_url=base_url, api_key_env=api_key_env, **kw)
+        self.temperature = temperature
 
-    @property
-    def client(self):
-        if self._client is None:
-            import openai
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "temperature": self.temperature}
 
-            self._client = openai.AsyncOpenAI(
-                api_key=api_key(self.api_key_env, self.name, self._key_required) or "EMPTY",
-                base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    def fatal(self, error: Exception) -> bool:
+    def make_client(self):
         import openai
 
-        return isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError,
-                                  openai.NotFoundError))
+        return openai.AsyncOpenAI(
+            api_key=api_key(self.api_key_env, self.name, self.key_required) or "EMPTY",
+            base_url=self.base_url, timeout=self.timeout, max_retries=self.max_retries)
 
     def messages(self, system: str, user: str) -> list[dict[str, str]]:
         return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
     def body(self, system: str, user: str) -> dict[str, Any]:
-        """The chat request, as sent directly or as one line of a batch."""
+        """The chat request as one line of a batch (what ``.parse`` sends directly)."""
         from openai.lib._parsing._completions import type_to_response_format_param
 
         return {"model": self.model, "messages": self.messages(system, user),
@@ -561,16 +694,19 @@ class OpenAIOracle(Oracle):
         raw = await self.client.chat.completions.with_raw_response.parse(
             model=self.model, messages=self.messages(system, user), response_format=OracleAnswer,
             temperature=self.temperature, max_completion_tokens=self.max_tokens)
-        usage = raw.http_response.json().get("usage") or {}
+        body = raw.http_response.json()
+        usage = body.get("usage") or {}
         tokens = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
         try:
             message = raw.parse().choices[0].message
             answer = message.parsed if message.parsed is not None else (message.refusal or "")
-        except Exception as e:  # noqa: BLE001 -- the SDK's schema check: an invalid answer
-            answer = _openai_text(raw.http_response.json()) or f"<unparsable: {e}>"
+        except (ValidationError, ValueError) as e:
+            # the SDK's own schema check (pydantic) or a length/content-filter stop: the raw
+            # text is validated by check_answer, which says what is wrong with it
+            answer = _openai_text(body) or f"<unparsable: {e}>"
         return Reply(answer, *tokens)
 
-    async def complete_batch(self, requests: dict[str, tuple[str, str]]) -> dict[str, Reply | str]:
+    async def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
         lines = [json.dumps({"custom_id": key, "method": "POST", "url": "/v1/chat/completions",
                              "body": self.body(*p)}) for key, p in requests.items()]
         upload = await self.client.files.create(
@@ -578,11 +714,16 @@ class OpenAIOracle(Oracle):
         batch = await self.client.batches.create(input_file_id=upload.id,
                                                  endpoint="/v1/chat/completions",
                                                  completion_window="24h")
-        log.info("OpenAI batch %s submitted (%d requests); polling every %.0f s", batch.id,
-                 len(lines), self.poll_interval)
+        log.info("OpenAI batch %s submitted (%d requests)", batch.id, len(lines))
+        return batch.id
+
+    async def collect_batch(self, batch_id: str) -> dict[str, Reply | str]:
+        batch = await self.client.batches.retrieve(batch_id)
         while batch.status not in ("completed", "failed", "expired", "cancelled"):
+            log.info("OpenAI batch %s: %s; next check in %.0f s", batch_id, batch.status,
+                     self.poll_interval)
             await asyncio.sleep(self.poll_interval)
-            batch = await self.client.batches.retrieve(batch.id)
+            batch = await self.client.batches.retrieve(batch_id)
         out: dict[str, Reply | str] = {}
         for file_id in (batch.output_file_id, batch.error_file_id):
             if not file_id:
@@ -601,7 +742,11 @@ class OpenAIOracle(Oracle):
                 out[rec["custom_id"]] = Reply(_openai_text(body), usage.get("prompt_tokens", 0),
                                               usage.get("completion_tokens", 0))
         if batch.status != "completed":
-            log.error("OpenAI batch %s ended %s", batch.id, batch.status)
+            errors = getattr(batch, "errors", None)
+            detail = "; ".join(f"{e.code}: {e.message}" for e in (errors.data or [])) \
+                if errors and getattr(errors, "data", None) else "no details"
+            log.error("OpenAI batch %s ended %s (%s); %d results", batch_id, batch.status,
+                      detail, len(out))
         return out
 
 
@@ -618,13 +763,15 @@ class OpenAICompatibleOracle(OpenAIOracle):
     Servers differ in how they constrain JSON, so ``response_format`` picks the request form:
     ``json_schema`` (vLLM, llama.cpp server, Ollama), ``json_object`` (``{"type":
     "json_object", "schema": ...}``, what llama-cpp-python accepts) or ``none`` (plain text; the
-    JSON is taken out of the answer). The key is optional (local servers ignore it).
+    JSON is taken out of the answer). The key is optional and has its own variable
+    (``OPENAI_COMPATIBLE_API_KEY``), so an OpenAI key is never sent to another server.
     """
 
     name = "openai_compatible"
-    _key_required = False
+    key_required = False
 
-    def __init__(self, base_url: str, model: str, response_format: str = "json_schema", **kw):
+    def __init__(self, base_url: str, model: str, response_format: str = "json_schema",
+                 api_key_env: str = "OPENAI_COMPATIBLE_API_KEY", **kw):
         if not base_url:
             raise ValueError("oracle.base_url is required, e.g. http://localhost:8000/v1")
         if response_format not in ("json_schema", "json_object", "none"):
@@ -632,11 +779,11 @@ class OpenAICompatibleOracle(OpenAIOracle):
                              f"got {response_format!r}")
         if kw.get("batch"):
             raise OracleError("openai_compatible servers have no Batch API; set oracle.batch=false")
-        super().__init__(model=model, base_url=base_url, **kw)
+        super().__init__(model=model, base_url=base_url, api_key_env=api_key_env, **kw)
         self.response_format = response_format
 
-    def signature(self) -> dict[str, str]:
-        return {**super().signature(), "base_url": self.base_url}
+    def settings(self) -> dict[str, Any]:
+        return {**super().settings(), "response_format": self.response_format}
 
     def body(self, system: str, user: str) -> dict[str, Any]:
         body = {"model": self.model, "messages": self.messages(system, user),
@@ -656,51 +803,28 @@ class OpenAICompatibleOracle(OpenAIOracle):
                      usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
 
 
-class AnthropicOracle(Oracle):
+class AnthropicOracle(APIOracle):
     """Claude through forced tool use: the answer is the input of a ``record_critical_steps``
     tool whose schema is ``OracleAnswer`` (``tool_choice`` forces the call).
 
     The SDK's ``messages.create`` takes no ``temperature``; Claude's default sampling is used.
-
-    Args:
-        base_url: API base URL (None: the SDK default).
-        api_key_env: Environment variable holding the key.
-        max_tokens: Answer token limit.
-        timeout / max_retries: As for :class:`OpenAIOracle` (retries on 408/409/429/5xx/529).
+    Arguments: see :class:`APIOracle` (Anthropic also retries 529 "overloaded").
     """
 
     name = "anthropic"
+    sdk = "anthropic"
     TOOL = "record_critical_steps"
 
     def __init__(self, model: str = "claude-sonnet-4-5", base_url: str | None = None,
-                 api_key_env: str = "ANTHROPIC_API_KEY", max_tokens: int = 2048,
-                 timeout: float = 120.0, max_retries: int = 5, **kw):
-        super().__init__(model, **kw)
-        self.base_url, self.max_tokens = base_url, max_tokens
-        self.timeout, self.max_retries, self.api_key_env = timeout, max_retries, api_key_env
-        api_key(api_key_env, self.name)
-        self._client = None
+                 api_key_env: str = "ANTHROPIC_API_KEY", **kw):
+        super().__init__(model, base_url=base_url, api_key_env=api_key_env, **kw)
 
-    @property
-    def client(self):
-        if self._client is None:
-            import anthropic
-
-            self._client = anthropic.AsyncAnthropic(
-                api_key=api_key(self.api_key_env, self.name), base_url=self.base_url,
-                timeout=self.timeout, max_retries=self.max_retries)
-        return self._client
-
-    async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
-
-    def fatal(self, error: Exception) -> bool:
+    def make_client(self):
         import anthropic
 
-        return isinstance(error, (anthropic.AuthenticationError, anthropic.PermissionDeniedError,
-                                  anthropic.NotFoundError))
+        return anthropic.AsyncAnthropic(
+            api_key=api_key(self.api_key_env, self.name), base_url=self.base_url,
+            timeout=self.timeout, max_retries=self.max_retries)
 
     def params(self, system: str, user: str) -> dict[str, Any]:
         return {
@@ -713,30 +837,32 @@ class AnthropicOracle(Oracle):
 
     @classmethod
     def _answer(cls, message: Any) -> Any:
-        blocks = message.content if hasattr(message, "content") else message["content"]
-        for block in blocks:
-            get = block.get if isinstance(block, dict) else lambda k, b=block: getattr(b, k, None)
-            if get("type") == "tool_use" and get("name") == cls.TOOL:
-                return get("input")
-        texts = [(b.get("text") if isinstance(b, dict) else getattr(b, "text", "")) or ""
-                 for b in blocks]
-        return "".join(texts)  # no tool call: validated (and rejected or parsed) as text
+        for block in message.content:
+            if block.type == "tool_use" and block.name == cls.TOOL:
+                return block.input
+        # no tool call: the text is validated (and rejected, or parsed) like any text answer
+        return "".join(getattr(b, "text", "") or "" for b in message.content)
 
     async def complete(self, system: str, user: str) -> Reply:
         message = await self.client.messages.create(**self.params(system, user))
         return Reply(self._answer(message), message.usage.input_tokens,
                      message.usage.output_tokens)
 
-    async def complete_batch(self, requests: dict[str, tuple[str, str]]) -> dict[str, Reply | str]:
+    async def submit_batch(self, requests: dict[str, tuple[str, str]]) -> str:
         batch = await self.client.messages.batches.create(
             requests=[{"custom_id": key, "params": self.params(*p)} for key, p in requests.items()])
-        log.info("Anthropic message batch %s submitted (%d requests); polling every %.0f s",
-                 batch.id, len(requests), self.poll_interval)
+        log.info("Anthropic message batch %s submitted (%d requests)", batch.id, len(requests))
+        return batch.id
+
+    async def collect_batch(self, batch_id: str) -> dict[str, Reply | str]:
+        batch = await self.client.messages.batches.retrieve(batch_id)
         while batch.processing_status != "ended":
+            log.info("Anthropic message batch %s: %s; next check in %.0f s", batch_id,
+                     batch.processing_status, self.poll_interval)
             await asyncio.sleep(self.poll_interval)
-            batch = await self.client.messages.batches.retrieve(batch.id)
+            batch = await self.client.messages.batches.retrieve(batch_id)
         out: dict[str, Reply | str] = {}
-        async for entry in await self.client.messages.batches.results(batch.id):
+        async for entry in await self.client.messages.batches.results(batch_id):
             result = entry.result
             if result.type == "succeeded":
                 m = result.message
@@ -756,6 +882,7 @@ class HFOracle(Oracle):
         tokenizer: Tokenizer name or directory (None: the model's).
         max_new_tokens: Answer token limit.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        dtype: Parameter dtype (``float32`` on CPUs).
     """
 
     name = "hf"
@@ -773,17 +900,16 @@ class HFOracle(Oracle):
         # a random model (config) is different every time: nothing worth caching
         self.cacheable = config is None
 
+    def settings(self) -> dict[str, Any]:
+        return {"max_new_tokens": self.max_new_tokens, "dtype": self.dtype}
+
     def _load(self):
         if self._lm is None:
-            import torch
-
-            from atlas.model import load_model, load_tokenizer
+            from atlas.model import load_model, load_tokenizer, resolve_device
 
             self._tok = load_tokenizer(self.tokenizer_name or self.model_name)
             self._lm = load_model(self.model_name, config=self.config, dtype=self.dtype).eval()
-            device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
-                else self.device
-            self._lm.to(device)
+            self._lm.to(resolve_device(self.device))
         return self._lm, self._tok
 
     def _generate(self, system: str, user: str) -> Reply:
@@ -936,12 +1062,12 @@ class HeuristicOracle(Oracle):
                     if len(g.strip(" .;")) > 2]
         return _snippet(body, 300), subgoals[:8]
 
-    async def judge_one(self, trajectory: Trajectory, candidates: Sequence[int], m: int,
-                        key: str) -> Judgement:
-        scores = self.scores(trajectory)
-        best = {step: max(scores[step].items(), key=lambda kv: kv[1][0]) for step in candidates}
-        ranked = sorted(candidates, key=lambda step: (-best[step][1][0], step))[:m]
-        plan, subgoals = self.plan(trajectory)
-        return self._judgement(key, trajectory, plan=plan, subgoals=subgoals, steps=ranked,
+    async def judge_one(self, job: _Job) -> Judgement:
+        scores = self.scores(job.trajectory)
+        best = {step: max(scores[step].items(), key=lambda kv: kv[1][0])
+                for step in job.candidates}
+        ranked = sorted(job.candidates, key=lambda step: (-best[step][1][0], step))[:job.m]
+        plan, subgoals = self.plan(job.trajectory)
+        return self._judgement(job.key, job.trajectory, plan=plan, subgoals=subgoals, steps=ranked,
                                criteria=[best[s][0] for s in ranked],
                                reasons=[best[s][1][1] for s in ranked], attempts=0)

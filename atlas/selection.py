@@ -46,6 +46,12 @@ log = logging.getLogger(__name__)
 ON_FAILURE = ("skip", "error")
 
 
+def draw(seed: int, trajectory: Trajectory) -> random.Random:
+    """The random source of a trajectory's choice: (seed, trajectory id), so a draw does not
+    change when the dataset is shuffled, filtered or extended."""
+    return random.Random(f"{seed}:{trajectory.id}")
+
+
 def num_selected(ratio: float, num_steps: int) -> int:
     """The number of steps every ratio-based selector keeps: ``min(n, max(1, floor(ratio*n)))``."""
     if not 0.0 < ratio <= 1.0:
@@ -119,22 +125,37 @@ def apply_selections(trajectories: Sequence[Trajectory], selections: Sequence[Se
 
 
 def saved_selections(trajectories: Sequence[Trajectory], saved: Sequence[Trajectory],
-                     signature: dict[str, Any]) -> tuple[list[Selection] | None, str]:
-    """The selections of a saved selection file, when they match these trajectories and this
-    selector exactly; else (None, why not)."""
+                     selector: "Selector") -> tuple[list[Selection] | None, str]:
+    """The selections of a saved selection file, when it holds a valid selection made by this
+    selector config for each of these trajectories as they are now; else (None, why not).
+
+    Reused selections count as cached: nothing is paid for them in this run. A file with failed
+    selections is not reused, so selecting again retries them (the answers already paid for
+    come from the oracle's cache)."""
     by_id = {t.id: t for t in saved}
+    signature = selector.signature()
     out = []
     for t in trajectories:
-        record = by_id.get(t.id, None)
-        s = record.meta.get("selection") if record is not None else None
-        if s is None:
+        record = by_id.get(t.id)
+        if record is None:
             return None, f"trajectory {t.id} is not in it"
+        s = record.meta.get("selection")
+        if not isinstance(s, dict):
+            return None, f"trajectory {t.id} has no meta.selection (not a selection file?)"
         if s.get("signature") != signature:
             return None, f"it was made by {s.get('signature')}, not {signature}"
         if s.get("fingerprint") != t.fingerprint():
             return None, f"trajectory {t.id} has changed since"
-        out.append(Selection(**{k: v for k, v in s.items()
-                                if k in Selection.__dataclass_fields__}))
+        if s.get("status") != "ok":
+            return None, f"trajectory {t.id} has a failed selection ({s.get('error')})"
+        fields = {k: v for k, v in s.items() if k in Selection.__dataclass_fields__}
+        try:  # the same checks as a fresh choice: candidates only, at most k
+            out.append(selector._selection(t, selector.k(len(t.selected_steps)), s["steps"],
+                                           **{k: v for k, v in fields.items() if k not in (
+                                               "trajectory_id", "fingerprint", "signature", "k",
+                                               "steps")} | {"cached": True}))
+        except (RuntimeError, TypeError) as e:
+            return None, f"trajectory {t.id}: {e}"
     return out, ""
 
 
@@ -242,8 +263,7 @@ class RandomSelector(Selector):
         return {**super().signature(), "seed": self.seed}
 
     def choose(self, trajectory, candidates, k):
-        rng = random.Random(f"{self.seed}:{trajectory.id}")
-        return sorted(rng.sample(candidates, k))
+        return sorted(draw(self.seed, trajectory).sample(candidates, k))
 
 
 # ---- oracle selectors ---------------------------------------------------------------------------
@@ -259,16 +279,20 @@ class OracleSelector(Selector):
     def signature(self):
         return {**super().signature(), **self.oracle.signature()}
 
-    def judgements(self, trajectories: Sequence[Trajectory]):
-        candidates = [t.selected_steps for t in trajectories]
-        judgements = self.oracle.judge(trajectories, candidates,
-                                       [self.k(len(c)) for c in candidates])
+    def judgements(self, trajectories: Sequence[Trajectory]) -> list:
+        """The oracle's judgement of each trajectory (None for one without candidate steps:
+        there is nothing to ask)."""
+        asked = [t for t in trajectories if t.selected_steps]
+        candidates = [t.selected_steps for t in asked]
+        judged = iter(self.oracle.judge(asked, candidates, [self.k(len(c)) for c in candidates]))
         self.last_run = dict(self.oracle.last_run)
-        return judgements
+        return [next(judged) if t.selected_steps else None for t in trajectories]
 
     def _from_judgement(self, t: Trajectory, j, steps: list[int] | None = None,
                         **fields: Any) -> Selection:
         k = self.k(len(t.selected_steps))
+        if j is None:
+            return self._selection(t, k, [])
         spent = {"plan": j.plan, "subgoals": j.subgoals, "input_tokens": j.input_tokens,
                  "output_tokens": j.output_tokens, "cost_usd": j.cost_usd, "cached": j.cached}
         if not j.ok:
@@ -285,7 +309,7 @@ class CriticalSelector(OracleSelector):
 
     def selections(self, trajectories):
         return [self._from_judgement(t, j)
-                for t, j in zip(trajectories, self.judgements(trajectories))]
+                for t, j in zip(trajectories, self.judgements(trajectories), strict=True)]
 
 
 class NonCriticalSelector(OracleSelector):
@@ -303,12 +327,20 @@ class NonCriticalSelector(OracleSelector):
         return {**super().signature(), "seed": self.seed}
 
     def selections(self, trajectories):
-        out = []
-        for t, j in zip(trajectories, self.judgements(trajectories)):
+        out, short = [], 0
+        for t, j in zip(trajectories, self.judgements(trajectories), strict=True):
+            if j is None or not j.ok:
+                out.append(self._from_judgement(t, j))
+                continue
             rest = [s for s in t.selected_steps if s not in set(j.steps)]
             k = self.k(len(t.selected_steps))
-            steps = sorted(random.Random(f"{self.seed}:{t.id}").sample(rest, min(k, len(rest))))
+            short += len(rest) < k
+            steps = sorted(draw(self.seed, t).sample(rest, min(k, len(rest))))
             out.append(self._from_judgement(t, j, steps))
+        if short:
+            log.warning("noncritical: %d of %d trajectories have fewer than k steps the oracle "
+                        "did not mark, and keep only those (at ratio > 0.5 with an oracle that "
+                        "marks k, most do)", short, len(trajectories))
         return out
 
 
@@ -351,28 +383,25 @@ class ScoredSelector(Selector):
 
         from atlas.oracle import JsonlCache, default_cache_dir
 
-        cache = None
-        if self.cacheable:
-            cache = JsonlCache(Path(self.cache_dir or default_cache_dir("scores")) /
-                               f"{self.name}.jsonl")
+        if not self.cacheable:
+            self.last_run = {"scored": len(trajectories), "from_cache": 0}
+            return self.compute(trajectories)
+        cache = JsonlCache(Path(self.cache_dir or default_cache_dir("scores")) /
+                           f"{self.name}.jsonl")
         sig = json.dumps(self.score_signature(), sort_keys=True)
         keys = [hashlib.sha256(f"{sig}:{t.fingerprint()}".encode()).hexdigest()
                 for t in trajectories]
-        found = {i: cache.get(k)["scores"] for i, k in enumerate(keys) if cache and cache.get(k)}
-        todo = [i for i in range(len(trajectories)) if i not in found]
-        if todo:
-            for i, s in zip(todo, self.compute([trajectories[i] for i in todo])):
-                found[i] = s
-                if cache is not None:
-                    cache.put({"key": keys[i], "trajectory_id": trajectories[i].id, "scores": s})
-        self.last_run = {"scored": len(todo), "from_cache": len(trajectories) - len(todo)}
-        return [found[i] for i in range(len(trajectories))]
+        first = {k: t for k, t in zip(keys, trajectories)}
+        scores, computed = cache.lookup(keys, lambda missing: self.compute(
+            [first[k] for k in missing]))
+        self.last_run = {"scored": computed, "from_cache": len(trajectories) - computed}
+        return scores
 
     def rank(self, trajectory: Trajectory, scores: list[float | None]) -> list[int]:
         """Candidate steps, best first: highest score, unscorable last, ties by the draw."""
         candidates = trajectory.selected_steps
-        draw = random.Random(f"{self.seed}:{trajectory.id}").sample(candidates, len(candidates))
-        tiebreak = {s: i for i, s in enumerate(draw)}
+        order = draw(self.seed, trajectory).sample(candidates, len(candidates))
+        tiebreak = {s: i for i, s in enumerate(order)}
         return sorted(candidates, key=lambda s: (scores[s] is None, -(scores[s] or 0.0),
                                                  tiebreak[s]))
 
@@ -414,13 +443,12 @@ class PerplexitySelector(ScoredSelector):
         from tqdm.auto import tqdm
 
         from atlas.data.masking import tokenize_steps
-        from atlas.model import load_model, load_tokenizer
+        from atlas.model import load_model, load_tokenizer, resolve_device
 
         cfg = self.model_cfg
         tokenizer = load_tokenizer(cfg.get("tokenizer") or cfg["name"])
         model = load_model(**{k: v for k, v in cfg.items() if k != "gradient_checkpointing"}).eval()
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if self.device == "auto" \
-            else self.device
+        device = resolve_device(self.device)
         model.to(device)
         out = []
         for t in tqdm(trajectories, desc="perplexity", unit="trajectory", disable=None):
@@ -494,6 +522,13 @@ class HybridSelector(OracleSelector):
                  weights: dict[str, float] | None = None, metric_weight: float = 0.5,
                  on_failure: str = "skip"):
         super().__init__(oracle, ratio, on_failure)
+        from atlas.oracle import CRITERIA
+
+        known = {c.lower().replace(" ", "_") for c in CRITERIA}
+        unknown = sorted(set(weights or {}) - known)
+        if unknown:
+            raise ValueError(f"selector.weights: unknown criteria {unknown}; expected "
+                             f"{sorted(known)}")
         self.metric = metric
         self.weights = dict(weights or {})
         self.metric_weight = metric_weight
@@ -509,8 +544,8 @@ class HybridSelector(OracleSelector):
         judgements = self.judgements(trajectories)
         metric = self.metric.scores(trajectories)
         out = []
-        for t, j, scores in zip(trajectories, judgements, metric):
-            if not j.ok:
+        for t, j, scores in zip(trajectories, judgements, metric, strict=True):
+            if j is None or not j.ok:
                 out.append(self._from_judgement(t, j))
                 continue
             candidates = t.selected_steps
@@ -539,8 +574,7 @@ def select_steps(selector: Selector, trajectories: Sequence[Trajectory],
     if selection_file:
         from atlas.data.formats import read_trajectories
 
-        saved, why = saved_selections(trajectories, read_trajectories(selection_file),
-                                      selector.signature())
+        saved, why = saved_selections(trajectories, read_trajectories(selection_file), selector)
         if saved is not None:
             log.info("reusing the selection in %s (%d trajectories)", selection_file, len(saved))
             return saved

@@ -70,9 +70,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     # 2. selection (selector + oracle + ratio; reused from selection_file, oracle answers cached)
     selector = instantiate(cfg.selector)
-    selections = select_steps(selector, train_t, cfg.get("selection_file"))
-    selection = apply_selections(train_t, selections)
     selection_file = out / "selection.jsonl"
+    reuse = cfg.get("selection_file")
+    if rank_zero_only.rank != 0 and selection_file.exists():
+        # DDP children start after rank 0 selected: train on exactly its choice, ask nothing
+        reuse = str(selection_file)
+    selections = select_steps(selector, train_t, reuse)
+    selection = apply_selections(train_t, selections)
     if rank_zero_only.rank == 0:  # DDP children run this function too
         write_selection(out, train_t, selections)
     log_failures(selections, selector.on_failure)

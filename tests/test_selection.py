@@ -90,8 +90,8 @@ def test_every_selector_keeps_the_same_k(tmp_path, mixed, ratio):
             assert len(set(s.steps)) == s.k and set(s.steps) <= set(t.selected_steps)
         chosen[name] = [set(s.steps) for s in selections]
     # noncritical never overlaps what the same oracle marked critical
-    for crit, non, t in zip(chosen["critical"], chosen["noncritical"], mixed):
-        assert not crit & non or len(crit) + len(non) > t.num_steps
+    for crit, non in zip(chosen["critical"], chosen["noncritical"]):
+        assert not crit & non
     assert chosen["critical"] == chosen["heuristic"]  # the default oracle is the heuristic
 
 
@@ -172,13 +172,24 @@ def test_selection_file_records_and_exports_the_choice(tmp_path, mixed):
     weights = [m["weight"] for m in oai[0]["messages"] if m["role"] == "assistant"]
     assert [i for i, w in enumerate(weights) if w] == saved[0].selected_steps
     # reused only for the same selector config and the same trajectories
-    again, why = saved_selections(mixed, saved, selector.signature())
-    assert why == "" and [s.steps for s in again] == [s.steps for s in selections]
-    assert saved_selections(mixed, saved, {**selector.signature(), "ratio": 0.5})[0] is None
-    changed = [mixed[0].with_selection([0])] + mixed[1:]
-    none, why = saved_selections(changed, saved, selector.signature())
+    none, why = saved_selections(mixed, saved, selector)
+    assert none is None and "failed selection" in why  # selecting again retries it
+    ok = [t for i, t in enumerate(mixed) if i != 1]
+    again, why = saved_selections(ok, saved, selector)
+    assert why == "" and [s.steps for s in again] == [s.steps for i, s in enumerate(selections)
+                                                       if i != 1]
+    assert all(s.cached for s in again)  # nothing is paid for a reused selection
+    assert saved_selections(ok, saved, _selector(tmp_path, "critical", "ratio=0.5"))[0] is None
+    changed = [ok[0].with_selection([0])] + ok[1:]
+    none, why = saved_selections(changed, saved, selector)
     assert none is None and "has changed" in why
-    assert apply_selections(mixed, again)[0].meta["selection"]["steps"] == selections[0].steps
+    # a hand-edited file cannot supervise more than k steps, or non-candidates
+    edited = [t.with_selection(t.selected_steps) for t in saved]
+    edited[0].meta["selection"] = {**saved[0].meta["selection"],
+                                   "steps": list(range(ok[0].num_steps))}
+    none, why = saved_selections(ok, edited, selector)
+    assert none is None and "not" in why and ok[0].id in why
+    assert apply_selections(ok, again)[0].meta["selection"]["steps"] == selections[0].steps
 
 
 def test_train_reuses_a_matching_selection_file(tmp_path, caplog):
@@ -194,7 +205,12 @@ def test_train_reuses_a_matching_selection_file(tmp_path, caplog):
     caplog.clear()
     train(compose_train(tmp_path / "b", *common, f"selection_file={path}"))
     assert "reusing the selection in" in caplog.text
-    assert (tmp_path / "b" / "selection.jsonl").read_text() == path.read_text()
+    def content(file):
+        return [(t.id, t.selected_steps, {k: v for k, v in t.meta["selection"].items()
+                                           if k != "cached"}) for t in _read(file)]
+
+    assert content(tmp_path / "b" / "selection.jsonl") == content(path)
+    assert all(t.meta["selection"]["cached"] for t in _read(tmp_path / "b" / "selection.jsonl"))
     caplog.clear()
     train(compose_train(tmp_path / "c", "selector=critical", "ratio=0.5", "trainer.max_steps=1",
                         f"selection_file={path}"))
