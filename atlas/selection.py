@@ -148,12 +148,11 @@ def saved_selections(trajectories: Sequence[Trajectory], saved: Sequence[Traject
             return None, f"trajectory {t.id} has changed since"
         if s.get("status") != "ok":
             return None, f"trajectory {t.id} has a failed selection ({s.get('error')})"
-        fields = {k: v for k, v in s.items() if k in Selection.__dataclass_fields__}
+        recorded = {k: v for k, v in s.items() if k in Selection.__dataclass_fields__ and k not in
+                    ("trajectory_id", "fingerprint", "signature", "k", "steps", "cached")}
         try:  # the same checks as a fresh choice: candidates only, at most k
             out.append(selector._selection(t, selector.k(len(t.selected_steps)), s["steps"],
-                                           **{k: v for k, v in fields.items() if k not in (
-                                               "trajectory_id", "fingerprint", "signature", "k",
-                                               "steps")} | {"cached": True}))
+                                           cached=True, **recorded))
         except (RuntimeError, TypeError) as e:
             return None, f"trajectory {t.id}: {e}"
     return out, ""
@@ -303,9 +302,18 @@ class OracleSelector(Selector):
 
 
 class CriticalSelector(OracleSelector):
-    """ATLaS: the steps the oracle marks critical (at most k), with criteria and reasons."""
+    """ATLaS: the steps the oracle marks critical (at most k), with criteria and reasons.
+
+    ``name`` renames it in records and summaries (``selector=heuristic`` is this selector with
+    the rule-based oracle, named ``heuristic``).
+    """
 
     name = "critical"
+
+    def __init__(self, oracle, ratio: float = 0.3, on_failure: str = "skip",
+                 name: str | None = None):
+        super().__init__(oracle, ratio, on_failure)
+        self.name = name or self.name
 
     def selections(self, trajectories):
         return [self._from_judgement(t, j)

@@ -49,6 +49,15 @@ def compose_train(tmp_path: Path, *overrides: str):
         return compose("train", overrides=base + list(overrides))
 
 
+def compose_select(tmp_path: Path, *overrides: str):
+    """Compose conf/select.yaml the way `python select.py` does, with a tiny model by default."""
+    from hydra import compose, initialize_config_dir
+
+    base = ["model=tiny_llama", "data.limit=6", f"paths.output_dir={tmp_path}"]
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("select", overrides=base + list(overrides))
+
+
 def play_gold_path(env, task, mistake_at: float | None = None, rng=None):
     """An expert episode of a gold-path environment (ScienceWorld, TextWorld-Express), with a
     mistake injected ``mistake_at`` (a fraction) of the way along the gold path, which is known

@@ -61,7 +61,7 @@ def test_source_mask_limits_the_candidates(shared_data):
 from atlas.data.formats import read_trajectories as _read  # noqa: E402
 from atlas.selection import (Selection, apply_selections, saved_selections,  # noqa: E402
                              write_selection)
-from conftest import ROOT  # noqa: E402
+from conftest import ROOT, compose_select  # noqa: E402
 
 DEFAULT = ROOT / "atlas" / "data" / "default"
 RATIO_SELECTORS = ["random", "critical", "heuristic", "noncritical", "perplexity", "hybrid"]
@@ -237,7 +237,20 @@ def test_counterfactual_ranks_steps_by_their_cost_in_the_simulator(tmp_path):
         selector.selections(fireact)
 
 
-@pytest.mark.parametrize("name", ["critical", "noncritical", "perplexity", "hybrid",
+@pytest.mark.parametrize("name", ["full", "random", "critical", "heuristic", "noncritical",
+                                  "perplexity", "hybrid", "counterfactual"])
+def test_select_job_runs_every_selector(tmp_path, name):
+    from atlas.selection import run
+
+    summary = run(compose_select(tmp_path, f"selector={name}", "ratio=0.3"))
+    assert summary["trajectories"] == 5 and summary["failed"] == 0  # 1 of 6 held out
+    assert summary["selector"]["selector"] == name
+    saved = _read(tmp_path / "selection.jsonl")
+    assert [len(t.selected_steps) for t in saved] == [t.meta["selection"]["k"] for t in saved]
+    assert json.loads((tmp_path / "selection_summary.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("name", ["critical", "heuristic", "noncritical", "perplexity", "hybrid",
                                   "counterfactual"])
 def test_train_runs_with_each_selector(tmp_path, name):
     from atlas.training import train
