@@ -541,7 +541,8 @@ class Oracle:
             key = self.key(system, user)
             entry = cache.get(key) if cache else None
             if entry and (entry["status"] == "ok" or not self.retry_failed):
-                results[i] = dataclasses.replace(Judgement(**entry), trajectory_id=t.id,
+                fields = {k: v for k, v in entry.items() if k in Judgement.__dataclass_fields__}
+                results[i] = dataclasses.replace(Judgement(**fields), trajectory_id=t.id,
                                                  cached=True)
             elif key in jobs:  # same content as an earlier trajectory: asked once
                 jobs[key].indices.append(i)

@@ -32,6 +32,8 @@ file ``select.py`` and ``train.py`` write.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import random
@@ -386,9 +388,6 @@ class ScoredSelector(Selector):
         raise NotImplementedError
 
     def scores(self, trajectories: Sequence[Trajectory]) -> list[list[float | None]]:
-        import hashlib
-        import json
-
         from atlas.oracle import JsonlCache, default_cache_dir
 
         if not self.cacheable:
@@ -633,8 +632,6 @@ def write_selection(out_dir: str | Path, trajectories: Sequence[Trajectory],
 
 def run(cfg) -> dict[str, Any]:
     """The ``select.py`` job: load, split like ``train.py``, select, write the selection files."""
-    import json
-
     from hydra.utils import instantiate
 
     from atlas.data.datamodule import load_trajectories, split_trajectories

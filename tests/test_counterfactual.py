@@ -14,7 +14,6 @@ from atlas.counterfactual import (CounterfactualScorer, ReplayMismatchError, pro
                                   recorded_actions, step_costs)
 from atlas.data.formats import read_trajectories
 from atlas.data.generate import expert_episode
-from atlas.data.trajectory import Message
 from conftest import CONF, ROOT
 
 DATA = ROOT / "atlas" / "data"
