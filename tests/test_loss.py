@@ -105,3 +105,75 @@ def test_batch_without_supervised_token_is_an_error():
         masked_nll(logits, torch.full((1, 4), IGNORE_INDEX), torch.full((1, 4), -1))
     with pytest.raises(ValueError, match="loss average"):
         masked_nll(logits, torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long), "mean")
+
+
+def _batch(trajectory, tokenizer):
+    """Two rows of different lengths (right padding) with different selections."""
+    examples = [encode(trajectory.with_selection([0, 2]), tokenizer),
+                encode(trajectory.with_selection([1]), tokenizer)]
+    return collate(examples, tokenizer.pad_token_id)
+
+
+def _loss_and_grads(model, batch, **module_kw):
+    from atlas.module import AtlasLM
+
+    model.zero_grad(set_to_none=True)
+    loss, n_tok, n_steps = AtlasLM(model, **module_kw).loss(batch)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.item(), n_tok, n_steps, grads
+
+
+@pytest.mark.parametrize("average", ["token", "step"])
+@pytest.mark.parametrize("chunk", [1, 7, 100_000])
+def test_gathered_loss_equals_the_full_logits_loss(tiny_model, trajectory, tokenizer, average,
+                                                   chunk):
+    """The LM head on supervised positions only, in checkpointed chunks: same loss, same
+    gradients as full logits."""
+    batch = _batch(trajectory, tokenizer)
+    full = _loss_and_grads(tiny_model, batch, loss_average=average, loss_impl="full")
+    gathered = _loss_and_grads(tiny_model, batch, loss_average=average, loss_impl="gathered",
+                               loss_chunk_size=chunk)
+    assert gathered[0] == pytest.approx(full[0], abs=1e-5) and gathered[1:3] == full[1:3]
+    assert full[3].keys() == gathered[3].keys()
+    for name, g in full[3].items():
+        torch.testing.assert_close(gathered[3][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_gathered_loss_equals_the_models_own_labels_loss(tiny_model, trajectory, tokenizer):
+    """What a plain SFT trainer computes (TRL with precomputed labels): the model's loss."""
+    batch = _batch(trajectory, tokenizer)
+    ours = _loss_and_grads(tiny_model, batch)[0]
+    theirs = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                        labels=batch["labels"]).loss.item()
+    assert ours == pytest.approx(theirs, abs=1e-5)
+
+
+def test_gathered_loss_through_a_lora_adapter(trajectory, tokenizer):
+    from omegaconf import OmegaConf
+    from peft import LoraConfig
+
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "model" / "tiny_llama.yaml"))
+    torch.manual_seed(0)
+    model = load_model(**cfg, peft=LoraConfig(r=4, target_modules="all-linear"))
+    batch = _batch(trajectory, tokenizer)
+    full = _loss_and_grads(model, batch, loss_impl="full")
+    gathered = _loss_and_grads(model, batch, loss_impl="gathered", loss_chunk_size=5)
+    assert gathered[0] == pytest.approx(full[0], abs=1e-5)
+    assert full[3] and full[3].keys() == gathered[3].keys()  # only the adapter trains
+    assert all("lora_" in n for n in full[3])
+    for name, g in full[3].items():
+        torch.testing.assert_close(gathered[3][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_models_with_softcapped_logits_use_the_full_path():
+    from atlas.module import AtlasLM
+
+    model = load_model(config={"model_type": "gemma2", "vocab_size": 128, "hidden_size": 16,
+                               "intermediate_size": 32, "num_hidden_layers": 1,
+                               "num_attention_heads": 2, "num_key_value_heads": 1,
+                               "head_dim": 8, "final_logit_softcapping": 30.0},
+                       attn_implementation="eager")
+    assert AtlasLM(model).loss_impl == "full"
+    with pytest.raises(ValueError, match="loss_impl must be one of"):
+        AtlasLM(model, loss_impl="fast")

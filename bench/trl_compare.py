@@ -1,0 +1,215 @@
+"""atlas vs TRL's SFTTrainer on the same data, model and masks: one epoch each, side by side.
+
+    pip install -e '.[bench]'                       # TRL, only for this benchmark
+    python bench/trl_compare.py                     # SmolLM2-135M, 16 default trajectories, ratio 0.3 and 1.0
+    python bench/trl_compare.py --trajectories 64 --ratios 0.3
+
+Both trainers get the same expert trajectories (the default data), the same model, the same
+per-step masks: at ratio 1.0 every step (``selector=full``), at lower ratios the ATLaS selection
+(``selector=critical``, heuristic oracle). TRL gets each whole trajectory with precomputed
+``labels`` (-100 off the selected steps), which its collator uses as they are; atlas trains
+through its own path (Lightning, :class:`atlas.module.AtlasLM`, examples cut after the last
+selected step, LM head only at supervised positions). Batch size 1, AdamW, one epoch.
+
+Each (trainer, ratio) runs in its own process, so peak memory is that run's alone: peak RSS on
+a CPU, peak allocated CUDA memory on a GPU (bf16 there, fp32 on a CPU). Before training, each
+computes its loss on the same first trajectory with the same initial weights; the two must
+agree to 1e-4. Prints a table and one JSON line per run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = [f"pkg://atlas/data/default/{env}.jsonl" for env in ("babyai", "scienceworld", "twx",
+                                                               "wordle")]
+
+
+def selected(n: int, ratio: float):
+    from atlas.data.datamodule import load_trajectories
+    from atlas.oracle import HeuristicOracle
+    from atlas.selection import CriticalSelector, FullSelector
+
+    trajectories = load_trajectories(DATA, limit=n)
+    selector = FullSelector() if ratio >= 1.0 else CriticalSelector(HeuristicOracle(), ratio=ratio)
+    return selector.select(trajectories)
+
+
+def full_example(trajectory, tokenizer) -> dict:
+    """What a TRL user passes: the whole trajectory, labels only on the selected steps."""
+    from atlas.data.masking import IGNORE_INDEX, tokenize_steps
+
+    tok = tokenize_steps(trajectory, tokenizer)
+    labels = [IGNORE_INDEX] * len(tok.input_ids)
+    for k in trajectory.selected_steps:
+        a, b = tok.step_spans[k]
+        labels[a:b] = tok.input_ids[a:b]
+    return {"input_ids": tok.input_ids, "labels": labels}
+
+
+def peak_memory_mb(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool) -> dict:
+    import lightning as L
+    import torch
+
+    from atlas.data.datamodule import TrajectoryDataModule, collate
+    from atlas.module import AtlasLM
+
+    data = TrajectoryDataModule(trajectories, [], tokenizer, max_length=None)
+    data.setup("fit")
+    module = AtlasLM(model, lr=1e-5, warmup_ratio=0.0)
+    first = {k: v.to(device) for k, v in collate([data.train_examples[0]],
+                                                  tokenizer.pad_token_id).items()}
+    with torch_autocast(device, bf16), torch.no_grad():
+        first_loss = module.loss(first)[0].item()
+    trainer = L.Trainer(max_epochs=1, accelerator="gpu" if device == "cuda" else "cpu",
+                        devices=1, precision="bf16-mixed" if bf16 else "32-true", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=data)
+    seconds = time.perf_counter() - t0
+    return {"first_loss": first_loss, "seconds": seconds,
+            "tokens": sum(len(e.input_ids) for e in data.train_examples),
+            "supervised_tokens": sum(e.num_supervised_tokens for e in data.train_examples)}
+
+
+def run_trl(model, tokenizer, trajectories, device: str, bf16: bool, checkpointing: bool) -> dict:
+    import torch
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    rows = [full_example(t, tokenizer) for t in trajectories]
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=1, num_train_epochs=1,
+                         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+                         logging_steps=10**6, save_strategy="no", report_to=[], max_length=None,
+                         bf16=bf16, use_cpu=device == "cpu", gradient_checkpointing=checkpointing,
+                         dataset_kwargs={"skip_prepare_dataset": True})
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                             processing_class=tokenizer)
+        first = {k: v.to(trainer.model.device)
+                 for k, v in trainer.data_collator([rows[0]]).items()}
+        with torch_autocast(device, bf16), torch.no_grad():
+            first_loss = trainer.compute_loss(trainer.model, first).item()
+        t0 = time.perf_counter()
+        trainer.train()
+        seconds = time.perf_counter() - t0
+    supervised = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
+    return {"first_loss": first_loss, "seconds": seconds,
+            "tokens": sum(len(r["input_ids"]) for r in rows), "supervised_tokens": supervised}
+
+
+def torch_autocast(device: str, bf16: bool):
+    import contextlib
+
+    import torch
+
+    return torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
+def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str | None,
+          tokenizer_name: str | None, checkpointing: bool) -> dict:
+    import torch
+
+    from atlas.model import load_model, load_tokenizer, resolve_device
+
+    device = resolve_device()
+    bf16 = device == "cuda"
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tokenizer_name or model_name)
+    # fp32 weights everywhere; bf16 autocast on a GPU (both trainers' mixed precision)
+    if model_config:  # the same architecture, randomly initialised (same cost, other numbers)
+        cfg = {k: v for k, v in json.loads(Path(model_config).read_text()).items()
+               if k not in ("_model_name_or_path", "architectures", "transformers_version",
+                            "dtype")}
+        model = load_model(config=cfg, gradient_checkpointing=checkpointing).to(device)
+    else:
+        model = load_model(name=model_name, gradient_checkpointing=checkpointing).to(device)
+    model.train()
+    trajectories = selected(n, ratio)
+    if trainer == "atlas":
+        r = run_atlas(model, tokenizer, trajectories, device, bf16)
+    else:
+        r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing)
+    return {"trainer": trainer, "ratio": ratio, "trajectories": len(trajectories),
+            "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+            "precision": "bf16-mixed" if bf16 else "fp32", **r,
+            "supervised_tokens_per_s": r["supervised_tokens"] / r["seconds"],
+            "peak_memory_mb": peak_memory_mb(device)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trajectories", type=int, default=16)
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.3, 1.0])
+    parser.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    parser.add_argument("--model-config", help="a config.json: random weights of that "
+                        "architecture instead of --model's (where the weights cannot travel)")
+    parser.add_argument("--tokenizer", help="tokenizer name or directory (default: --model's)")
+    parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
+                        help="for both trainers (on: TRL's SFTConfig default)")
+    parser.add_argument("--child", nargs=2, metavar=("TRAINER", "RATIO"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child[0], float(args.child[1]),
+                                           args.trajectories, args.model, args.model_config,
+                                           args.tokenizer, args.gradient_checkpointing == "on")))
+        return
+    rows = []
+    for ratio in args.ratios:
+        for trainer in ("atlas", "trl"):
+            extra = [f"--{k.replace('_', '-')}={v}" for k, v in
+                     (("model_config", args.model_config), ("tokenizer", args.tokenizer),
+                      ("gradient_checkpointing", args.gradient_checkpointing)) if v]
+            proc = subprocess.run([sys.executable, __file__, "--child", trainer, str(ratio),
+                                   "--trajectories", str(args.trajectories), "--model",
+                                   args.model, *extra], cwd=ROOT, capture_output=True, text=True)
+            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+            if proc.returncode or not lines:
+                sys.exit(f"{trainer} at ratio {ratio} failed:\n{proc.stdout[-3000:]}"
+                         f"{proc.stderr[-3000:]}")
+            rows.append(json.loads(lines[-1][len("RESULT "):]))
+    memory = "peak CUDA MB" if rows[0]["device"] != "cpu" else "peak RSS MB"
+    model = f"{args.model_config} (random init)" if args.model_config else args.model
+    print(f"\n{args.trajectories} default trajectories, {model}, batch 1, one epoch, "
+          f"{rows[0]['device']}, {rows[0]['precision']}, gradient checkpointing "
+          f"{args.gradient_checkpointing}")
+    print(f"{'ratio':>5} {'trainer':<7} {'tokens':>8} {'superv.':>8} {'epoch s':>8} "
+          f"{'superv. tok/s':>13} {memory:>13} {'first loss':>11}")
+    for r in rows:
+        print(f"{r['ratio']:>5} {r['trainer']:<7} {r['tokens']:>8} {r['supervised_tokens']:>8} "
+              f"{r['seconds']:>8.1f} {r['supervised_tokens_per_s']:>13.1f} "
+              f"{r['peak_memory_mb']:>13.0f} {r['first_loss']:>11.5f}")
+    ok = True
+    for ratio in args.ratios:
+        a, t = (next(r for r in rows if r["ratio"] == ratio and r["trainer"] == name)
+                for name in ("atlas", "trl"))
+        diff = abs(a["first_loss"] - t["first_loss"])
+        ok &= diff <= 1e-4 or a["precision"] != "fp32"
+        print(f"ratio {ratio}: atlas/TRL wall time {a['seconds'] / t['seconds']:.2f}x, "
+              f"peak memory {a['peak_memory_mb'] / t['peak_memory_mb']:.2f}x, "
+              f"first-batch loss difference {diff:.2e}")
+    for r in rows:
+        print(json.dumps(r))
+    if not ok:
+        sys.exit("first-batch losses differ by more than 1e-4")
+
+
+if __name__ == "__main__":
+    main()
