@@ -134,18 +134,25 @@ class AtlasLM(L.LightningModule):
                                    "warmup_ratio": float(warmup_ratio), "loss_average": loss_average})
         self._total_steps: int | None = None
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    def forward(self, input_ids, attention_mask=None, position_ids=None):
+        return self.model(**self._inputs(input_ids, attention_mask, position_ids)).logits
+
+    @staticmethod
+    def _inputs(input_ids, attention_mask=None, position_ids=None) -> dict:
+        # packed rows: the position ids mark the examples, and an attention mask would hide that
+        if position_ids is not None:
+            return {"input_ids": input_ids, "position_ids": position_ids, "use_cache": False}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
 
     def loss(self, batch) -> tuple[torch.Tensor, int, int]:
         """(loss, supervised tokens, supervised steps) of a batch."""
         average = self.hparams.loss_average
+        inputs = self._inputs(batch["input_ids"], batch.get("attention_mask"),
+                              batch.get("position_ids"))
         if self.loss_impl == "full":
-            logits = self(batch["input_ids"], batch["attention_mask"])
+            logits = self.model(**inputs).logits
             return masked_nll(logits, batch["labels"], batch["step_ids"], average)
-        hidden = self.model.get_decoder()(input_ids=batch["input_ids"],
-                                          attention_mask=batch["attention_mask"],
-                                          use_cache=False).last_hidden_state
+        hidden = self.model.get_decoder()(**inputs).last_hidden_state
         return supervised_nll(hidden, self.model.get_output_embeddings(), batch["labels"],
                               batch["step_ids"], average, self.loss_chunk_size)
 

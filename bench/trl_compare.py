@@ -63,14 +63,16 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool) -> dict:
+def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
+              pack_length: int | None = None) -> dict:
     import lightning as L
     import torch
 
     from atlas.data.datamodule import TrajectoryDataModule, collate
     from atlas.module import AtlasLM
 
-    data = TrajectoryDataModule(trajectories, [], tokenizer, max_length=None)
+    data = TrajectoryDataModule(trajectories, [], tokenizer, max_length=None,
+                                packing=pack_length is not None, pack_length=pack_length)
     data.setup("fit")
     module = AtlasLM(model, lr=1e-5, warmup_ratio=0.0)
     first = {k: v.to(device) for k, v in collate([data.train_examples[0]],
@@ -124,7 +126,7 @@ def torch_autocast(device: str, bf16: bool):
 
 
 def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str | None,
-          tokenizer_name: str | None, checkpointing: bool) -> dict:
+          tokenizer_name: str | None, checkpointing: bool, pack_length: int | None) -> dict:
     import torch
 
     from atlas.model import load_model, load_tokenizer, resolve_device
@@ -144,7 +146,7 @@ def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str
     model.train()
     trajectories = selected(n, ratio)
     if trainer == "atlas":
-        r = run_atlas(model, tokenizer, trajectories, device, bf16)
+        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length)
     else:
         r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing)
     return {"trainer": trainer, "ratio": ratio, "trajectories": len(trajectories),
@@ -164,19 +166,23 @@ def main() -> None:
     parser.add_argument("--tokenizer", help="tokenizer name or directory (default: --model's)")
     parser.add_argument("--gradient-checkpointing", choices=["on", "off"], default="on",
                         help="for both trainers (on: TRL's SFTConfig default)")
+    parser.add_argument("--atlas-pack-length", type=int, help="atlas packs examples into rows "
+                        "of this many tokens (data.loader.packing); TRL runs as before")
     parser.add_argument("--child", nargs=2, metavar=("TRAINER", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child[0], float(args.child[1]),
                                            args.trajectories, args.model, args.model_config,
-                                           args.tokenizer, args.gradient_checkpointing == "on")))
+                                           args.tokenizer, args.gradient_checkpointing == "on",
+                                           args.atlas_pack_length)))
         return
     rows = []
     for ratio in args.ratios:
         for trainer in ("atlas", "trl"):
             extra = [f"--{k.replace('_', '-')}={v}" for k, v in
                      (("model_config", args.model_config), ("tokenizer", args.tokenizer),
-                      ("gradient_checkpointing", args.gradient_checkpointing)) if v]
+                      ("gradient_checkpointing", args.gradient_checkpointing),
+                      ("atlas_pack_length", args.atlas_pack_length)) if v]
             proc = subprocess.run([sys.executable, __file__, "--child", trainer, str(ratio),
                                    "--trajectories", str(args.trajectories), "--model",
                                    args.model, *extra], cwd=ROOT, capture_output=True, text=True)
@@ -189,7 +195,9 @@ def main() -> None:
     model = f"{args.model_config} (random init)" if args.model_config else args.model
     print(f"\n{args.trajectories} default trajectories, {model}, batch 1, one epoch, "
           f"{rows[0]['device']}, {rows[0]['precision']}, gradient checkpointing "
-          f"{args.gradient_checkpointing}")
+          f"{args.gradient_checkpointing}"
+          + (f", atlas packed into rows of {args.atlas_pack_length} tokens"
+             if args.atlas_pack_length else ""))
     print(f"{'ratio':>5} {'trainer':<7} {'tokens':>8} {'superv.':>8} {'epoch s':>8} "
           f"{'superv. tok/s':>13} {memory:>13} {'first loss':>11}")
     for r in rows:

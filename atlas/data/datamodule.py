@@ -71,6 +71,51 @@ def collate(examples: list[Example], pad_token_id: int) -> dict[str, torch.Tenso
     }
 
 
+def pack(examples: Sequence[Example], capacity: int) -> list[list[Example]]:
+    """Bins of examples whose lengths sum to at most ``capacity`` (first-fit decreasing).
+
+    Deterministic: the same examples always give the same bins; an example longer than the
+    capacity gets a bin of its own.
+    """
+    bins: list[list[Example]] = []
+    room: list[int] = []
+    for ex in sorted(examples, key=lambda e: -len(e.input_ids)):
+        n = len(ex.input_ids)
+        i = next((i for i, r in enumerate(room) if r >= n), None)
+        if i is None:
+            bins.append([ex])
+            room.append(capacity - n)
+        else:
+            bins[i].append(ex)
+            room[i] -= n
+    return bins
+
+
+def collate_packed(bins: list[list[Example]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Each bin's examples laid end to end in one row, with ``position_ids`` restarting at 0 for
+    each example. Transformers reads the restarts as sequence boundaries (no attention across
+    them) when no ``attention_mask`` is passed; ``attention_mask`` here only marks the padding
+    for statistics. Step ids are offset per example, so a step average keeps steps apart."""
+    rows = []
+    for examples in bins:
+        ids, labels, steps, positions = [], [], [], []
+        offset = 0
+        for ex in examples:
+            ids += ex.input_ids
+            # the first token of an example is never predicted from the previous example's last
+            labels += [IGNORE_INDEX] + ex.labels[1:]
+            steps += [-1] + [k + offset if k >= 0 else -1 for k in ex.step_ids[1:]]
+            positions += list(range(len(ex.input_ids)))
+            offset += ex.num_steps
+        rows.append((ids, labels, steps, positions))
+    width = max(len(r[0]) for r in rows)
+    batch = collate([Example("packed", r[0], r[1], r[2], 0, []) for r in rows], pad_token_id)
+    # padding continues as a segment of its own, which attends only to itself
+    batch["position_ids"] = torch.tensor([r[3] + list(range(width - len(r[3]))) for r in rows],
+                                         dtype=torch.long)
+    return batch
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     """Masked examples of the selected training trajectories, and validation examples.
 
@@ -84,18 +129,24 @@ class TrajectoryDataModule(L.LightningDataModule):
         tokenizer: Tokenizer with the model's chat template.
         max_length: Longest sequence; see :func:`atlas.data.masking.encode` for ``overflow``.
         overflow: ``drop_steps`` or ``error``.
-        batch_size: Examples per batch.
+        batch_size: Examples per batch (rows of packed examples under ``packing``).
+        packing: Lay several training examples end to end in one row of up to
+            ``pack_length`` tokens (position ids restart per example; no attention across
+            examples), so a batch carries no padding and fewer, fuller rows.
+        pack_length: Tokens per packed row (None: ``max_length``, or 4096 without one).
         num_workers: DataLoader workers.
     """
 
     def __init__(self, train: list[Trajectory], val: list[Trajectory], tokenizer,
                  max_length: int | None = 1024, overflow: str = "drop_steps", batch_size: int = 1,
-                 num_workers: int = 0):
+                 num_workers: int = 0, packing: bool = False, pack_length: int | None = None):
         super().__init__()
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
         self.max_length, self.overflow = max_length, overflow
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.packing = packing
+        self.pack_length = pack_length or max_length or 4096
         self.train_examples: list[Example] | None = None
         self.val_examples: list[Example] = []
         self.stats: dict[str, float] = {}
@@ -151,14 +202,19 @@ class TrajectoryDataModule(L.LightningDataModule):
             "val/examples": len(self.val_examples),
         })
 
-    def _loader(self, examples: list[Example], shuffle: bool) -> DataLoader:
+    def _loader(self, examples: list, shuffle: bool, packed: bool = False) -> DataLoader:
         # Stateful: a checkpoint taken mid-epoch resumes at the next unseen batch of the same
         # shuffled order, instead of replaying the epoch from its start.
+        fn = collate_packed if packed else collate
         return StatefulDataLoader(examples, batch_size=self.batch_size, shuffle=shuffle,
-                          num_workers=self.num_workers,
-                          collate_fn=functools.partial(collate, pad_token_id=self.tokenizer.pad_token_id))
+                                  num_workers=self.num_workers,
+                                  collate_fn=functools.partial(
+                                      fn, pad_token_id=self.tokenizer.pad_token_id))
 
     def train_dataloader(self) -> DataLoader:
+        if self.packing:
+            return self._loader(pack(self.train_examples, self.pack_length), shuffle=True,
+                                packed=True)
         return self._loader(self.train_examples, shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
