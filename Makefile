@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The demo: the main job end to end, sized for 2 CPU cores (~10 min): 64 of the 400 default
+# The demo: the main job end to end, sized for 2 CPU cores (~9 min): 64 of the 400 default
 # expert trajectories (16 per held-in environment), lr 2e-4 so 29 optimizer steps teach the
 # 135M model the Thought/Action format, then one test episode per environment.
 DEMO_ARGS ?= data.limit=64 module.lr=2e-4 trainer.accumulate_grad_batches=2 eval.episodes=1
