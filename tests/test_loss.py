@@ -219,3 +219,10 @@ def test_training_with_packing(tmp_path):
     # one optimizer step per packed row: fewer than the examples
     assert 1 <= summary["global_step"] < summary["selection"]["train/examples"]
     assert summary["metrics"]["train/loss"] > 0
+
+
+def test_a_bad_pack_length_is_refused(tokenizer):
+    from atlas.data.datamodule import TrajectoryDataModule
+
+    with pytest.raises(ValueError, match="pack_length must be >= 1"):
+        TrajectoryDataModule([], [], tokenizer, packing=True, pack_length=0)

@@ -145,6 +145,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tokenizer = tokenizer
         self.max_length, self.overflow = max_length, overflow
         self.batch_size, self.num_workers = batch_size, num_workers
+        if pack_length is not None and pack_length < 1:
+            raise ValueError(f"data.loader.pack_length must be >= 1 (or null), got {pack_length}")
         self.packing = packing
         self.pack_length = pack_length or max_length or 4096
         self.train_examples: list[Example] | None = None
