@@ -226,3 +226,35 @@ def test_a_bad_pack_length_is_refused(tokenizer):
 
     with pytest.raises(ValueError, match="pack_length must be >= 1"):
         TrajectoryDataModule([], [], tokenizer, packing=True, pack_length=0)
+
+
+def test_length_grouped_batches_carry_less_padding_and_every_example_once(tokenizer):
+    from atlas.data.datamodule import LengthGroupedSampler, TrajectoryDataModule
+
+    trajs = [t.with_selection(range(t.num_steps)) for t in
+             read_trajectories("pkg://atlas/data/default/babyai.jsonl")[:40] +
+             read_trajectories("pkg://atlas/data/default/wordle.jsonl")[:40]]
+
+    def padding(group_by_length: bool, seed: int = 0) -> tuple[float, list[int]]:
+        data = TrajectoryDataModule(trajs, [], tokenizer, batch_size=4,
+                                    group_by_length=group_by_length, seed=seed)
+        data.setup("fit")
+        pad, total = 0, 0
+        for batch in data.train_dataloader():
+            pad += int((batch["attention_mask"] == 0).sum())
+            total += batch["attention_mask"].numel()
+        loader = data.train_dataloader()
+        order = list(loader.sampler) if group_by_length else []
+        return pad / total, order
+
+    grouped, order = padding(True)
+    shuffled, _ = padding(False)
+    assert sorted(order) == list(range(len(trajs)))
+    assert grouped < 0.6 * shuffled, (grouped, shuffled)
+    assert padding(True)[1] == order and padding(True, seed=1)[1] != order
+    sampler = LengthGroupedSampler([5, 1, 9, 3, 7, 2, 8, 4], batch_size=2, seed=0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert sorted(first) == list(range(8)) and list(sampler) != first
+    # the longest item comes first (an out-of-memory error shows at the first step)
+    assert first[0] == 2

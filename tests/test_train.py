@@ -91,12 +91,15 @@ def _logged_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def test_training_resumes_mid_epoch_exactly_where_it_stopped(tmp_path):
+@pytest.mark.parametrize("loader", [[], ["data.loader.group_by_length=true", "data.limit=24",
+                                           "data.loader.batch_size=2"]],
+                         ids=["shuffled", "length_grouped"])
+def test_training_resumes_mid_epoch_exactly_where_it_stopped(tmp_path, loader):
     """Resumed from its step-3 checkpoint, a run sees the same batches with the same weights
     as the uninterrupted run: its step losses match."""
     common = ["trainer.accumulate_grad_batches=1", "data.limit=12", "data.val_fraction=0",
               "trainer.max_epochs=1", "trainer.max_steps=6", "module.lr=1e-2",
-              "validate_before_training=false"]
+              "validate_before_training=false", *loader]
     whole = train(compose_train(tmp_path / "whole", *common, "callbacks.model_checkpoint.save_top_k=-1",
                                 "callbacks.model_checkpoint.every_n_train_steps=1"))
     assert whole["global_step"] == 6

@@ -11,8 +11,10 @@ from typing import Iterable, Sequence
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from atlas.data.formats import read_trajectories
 from atlas.data.masking import IGNORE_INDEX, Example, MaskingError, StepOverflowError, encode
@@ -116,6 +118,30 @@ def collate_packed(bins: list[list[Example]], pad_token_id: int) -> dict[str, to
     return batch
 
 
+class LengthGroupedSampler(Sampler[int]):
+    """Shuffled order in which each run of ``batch_size`` items has similar lengths, so a batch
+    carries little padding (transformers' ``get_length_grouped_indices``: random mega-batches
+    of up to 50 batches, sorted by length inside, the longest batch first so an out-of-memory
+    error shows at the first step).
+
+    The order depends only on ``seed`` and the epoch (Lightning calls :meth:`set_epoch`), so a
+    run resumed mid-epoch replays the same order and skips what it already trained on.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0):
+        self.lengths, self.batch_size, self.seed, self.epoch = list(lengths), batch_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) % 2**63)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
 class TrajectoryDataModule(L.LightningDataModule):
     """Masked examples of the selected training trajectories, and validation examples.
 
@@ -134,12 +160,17 @@ class TrajectoryDataModule(L.LightningDataModule):
             ``pack_length`` tokens (position ids restart per example; no attention across
             examples), so a batch carries no padding and fewer, fuller rows.
         pack_length: Tokens per packed row (None: ``max_length``, or 4096 without one).
+        group_by_length: Batch training examples (or packed rows) of similar lengths together
+            (:class:`LengthGroupedSampler`), so ``batch_size > 1`` pays for little padding.
+        seed: Seed of the shuffled order (None: torch's initial seed, which
+            ``L.seed_everything`` sets to the run's ``seed``).
         num_workers: DataLoader workers.
     """
 
     def __init__(self, train: list[Trajectory], val: list[Trajectory], tokenizer,
                  max_length: int | None = 1024, overflow: str = "drop_steps", batch_size: int = 1,
-                 num_workers: int = 0, packing: bool = False, pack_length: int | None = None):
+                 num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
+                 group_by_length: bool = False, seed: int | None = None):
         super().__init__()
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
@@ -149,6 +180,8 @@ class TrajectoryDataModule(L.LightningDataModule):
             raise ValueError(f"data.loader.pack_length must be >= 1 (or null), got {pack_length}")
         self.packing = packing
         self.pack_length = pack_length or max_length or 4096
+        self.group_by_length = group_by_length
+        self.seed = torch.initial_seed() if seed is None else seed
         self.train_examples: list[Example] | None = None
         self.val_examples: list[Example] = []
         self.stats: dict[str, float] = {}
@@ -204,12 +237,17 @@ class TrajectoryDataModule(L.LightningDataModule):
             "val/examples": len(self.val_examples),
         })
 
-    def _loader(self, examples: list, shuffle: bool, packed: bool = False) -> DataLoader:
+    def _loader(self, items: list, shuffle: bool, packed: bool = False) -> DataLoader:
         # Stateful: a checkpoint taken mid-epoch resumes at the next unseen batch of the same
         # shuffled order, instead of replaying the epoch from its start.
         fn = collate_packed if packed else collate
-        return StatefulDataLoader(examples, batch_size=self.batch_size, shuffle=shuffle,
-                                  num_workers=self.num_workers,
+        sampler = None
+        if shuffle and self.group_by_length:
+            lengths = [sum(len(e.input_ids) for e in i) if packed else len(i.input_ids)
+                       for i in items]
+            sampler, shuffle = LengthGroupedSampler(lengths, self.batch_size, self.seed), False
+        return StatefulDataLoader(items, batch_size=self.batch_size, shuffle=shuffle,
+                                  sampler=sampler, num_workers=self.num_workers,
                                   collate_fn=functools.partial(
                                       fn, pad_token_id=self.tokenizer.pad_token_id))
 
