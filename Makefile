@@ -49,7 +49,7 @@ bench-rollout: install  ## episodes/s of batched vs one-at-a-time rollouts (~5 m
 bench-oracle: install  ## trajectories/s through the oracle path (loopback server, 200 ms/request), concurrency 1 vs 16 (~20 s)
 	$(BIN)/python bench/oracle_throughput.py
 
-bench-trl: install  ## atlas vs TRL SFTTrainer: one epoch, same data, model and masks, ratio 0.3 and 1.0 (~10 min)
+bench-trl: install  ## atlas vs TRL SFTTrainer: one epoch, same data, model and masks, ratio 0.3 and 1.0, memory breakdown (~6 min)
 	$(BIN)/python bench/trl_compare.py
 
 clean:

@@ -15,16 +15,23 @@ Each (trainer, ratio) runs in its own process, so peak memory is that run's alon
 a CPU, peak allocated CUDA memory on a GPU (bf16 there, fp32 on a CPU). Before training, each
 computes its loss on the same first trajectory with the same initial weights; the two must
 agree to 1e-4. Prints a table and one JSON line per run.
+
+``--profile`` explains the figures (use few trajectories: the profiler slows training down):
+each run's memory at its phases (after loading the model, then the peak while training, next to
+what the weights, gradients and AdamW states take by themselves), and torch.profiler's operators
+by self time, side by side for the two trainers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -63,8 +70,54 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def memory_mb(device: str) -> float:
+    """Memory in use now: allocated CUDA memory, or the process's resident set."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.memory_allocated() / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+@contextlib.contextmanager
+def measured(device: str, profile: bool):
+    """Times the block and records its peak memory (sampled every 20 ms on a CPU, where the
+    process's lifetime peak would include model loading); with ``profile``, also the
+    operators' self time under torch.profiler. Fills the yielded dict on exit."""
+    import torch
+    from torch.profiler import ProfilerActivity
+
+    out: dict = {}
+    done, peak = threading.Event(), [memory_mb(device)]
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], memory_mb(device))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    prof = torch.profiler.profile(activities=activities) if profile else contextlib.nullcontext()
+    t0 = time.perf_counter()
+    with prof:
+        yield out
+    out["seconds"] = time.perf_counter() - t0
+    done.set()
+    sampler.join()
+    out["train_peak_memory_mb"] = (peak_memory_mb(device) if device == "cuda"
+                                   else max(peak[0], memory_mb(device)))
+    if profile:
+        key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        ops = sorted(prof.key_averages(), key=lambda e: -getattr(e, key))
+        out["profile_total_s"] = sum(getattr(e, key) for e in ops) / 1e6
+        out["profile_s"] = {e.key: getattr(e, key) / 1e6 for e in ops[:15]}
+
+
 def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
-              pack_length: int | None = None) -> dict:
+              pack_length: int | None = None, profile: bool = False) -> dict:
     import lightning as L
     import torch
 
@@ -83,15 +136,15 @@ def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
                         devices=1, precision="bf16-mixed" if bf16 else "32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0)
-    t0 = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    seconds = time.perf_counter() - t0
-    return {"first_loss": first_loss, "seconds": seconds,
+    with measured(device, profile) as m:
+        trainer.fit(module, datamodule=data)
+    return {"first_loss": first_loss, **m,
             "tokens": sum(len(e.input_ids) for e in data.train_examples),
             "supervised_tokens": sum(e.num_supervised_tokens for e in data.train_examples)}
 
 
-def run_trl(model, tokenizer, trajectories, device: str, bf16: bool, checkpointing: bool) -> dict:
+def run_trl(model, tokenizer, trajectories, device: str, bf16: bool, checkpointing: bool,
+            profile: bool = False) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -109,11 +162,10 @@ def run_trl(model, tokenizer, trajectories, device: str, bf16: bool, checkpointi
                  for k, v in trainer.data_collator([rows[0]]).items()}
         with torch_autocast(device, bf16), torch.no_grad():
             first_loss = trainer.compute_loss(trainer.model, first).item()
-        t0 = time.perf_counter()
-        trainer.train()
-        seconds = time.perf_counter() - t0
+        with measured(device, profile) as m:
+            trainer.train()
     supervised = sum(sum(label != -100 for label in r["labels"][1:]) for r in rows)
-    return {"first_loss": first_loss, "seconds": seconds,
+    return {"first_loss": first_loss, **m,
             "tokens": sum(len(r["input_ids"]) for r in rows), "supervised_tokens": supervised}
 
 
@@ -126,7 +178,8 @@ def torch_autocast(device: str, bf16: bool):
 
 
 def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str | None,
-          tokenizer_name: str | None, checkpointing: bool, pack_length: int | None) -> dict:
+          tokenizer_name: str | None, checkpointing: bool, pack_length: int | None,
+          profile: bool = False) -> dict:
     import torch
 
     from atlas.model import load_model, load_tokenizer, resolve_device
@@ -145,15 +198,50 @@ def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str
         model = load_model(name=model_name, gradient_checkpointing=checkpointing).to(device)
     model.train()
     trajectories = selected(n, ratio)
+    with torch.no_grad():  # weights may be mapped from their file lazily: make them resident
+        sum(float(p.float().sum()) for p in model.parameters())
+    loaded = memory_mb(device)
+    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer == "atlas":
-        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length)
+        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length, profile)
     else:
-        r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing)
+        r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing, profile)
+    # fp32 weights, their gradients and AdamW's two moments, whatever the trainer
+    r.update(loaded_memory_mb=loaded, weights_grads_adam_mb=4 * 4 * params / 2**20)
     return {"trainer": trainer, "ratio": ratio, "trajectories": len(trajectories),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "precision": "bf16-mixed" if bf16 else "fp32", **r,
             "supervised_tokens_per_s": r["supervised_tokens"] / r["seconds"],
             "peak_memory_mb": peak_memory_mb(device)}
+
+
+def print_memory(rows: list[dict], kind: str) -> None:
+    """Where each run's memory goes: before training, the fixed training state, the rest."""
+    print(f"\nmemory ({kind} MB): loaded = libraries, weights and data before training; "
+          f"peak = highest while training; weights+grads+adam = fp32 weights, their gradients "
+          f"and AdamW's two moments; rest = peak - loaded - grads - adam (activations, "
+          f"temporaries, allocator slack)")
+    print(f"{'ratio':>5} {'trainer':<7} {'loaded':>8} {'peak':>8} {'weights+grads+adam':>19} "
+          f"{'rest':>8}")
+    for r in rows:
+        rest = r["train_peak_memory_mb"] - r["loaded_memory_mb"] - 0.75 * r["weights_grads_adam_mb"]
+        print(f"{r['ratio']:>5} {r['trainer']:<7} {r['loaded_memory_mb']:>8.0f} "
+              f"{r['train_peak_memory_mb']:>8.0f} {r['weights_grads_adam_mb']:>19.0f} {rest:>8.0f}")
+
+
+def print_profiles(rows: list[dict], ratios: list[float]) -> None:
+    """The top operators of both trainers side by side."""
+    for ratio in ratios:
+        a, t = (next(r for r in rows if r["ratio"] == ratio and r["trainer"] == name)
+                for name in ("atlas", "trl"))
+        print(f"\nratio {ratio}: operators by self time (s), profiled totals "
+              f"{a['profile_total_s']:.1f} (atlas) vs {t['profile_total_s']:.1f} (TRL)")
+        ops = list(dict.fromkeys([*a["profile_s"], *t["profile_s"]]))
+        ops.sort(key=lambda op: -max(a["profile_s"].get(op, 0), t["profile_s"].get(op, 0)))
+        print(f"{'operator':<58} {'atlas':>8} {'TRL':>8}")
+        for op in ops:
+            fmt = lambda r: f"{r['profile_s'][op]:>8.2f}" if op in r["profile_s"] else f"{'<top15':>8}"
+            print(f"{op[:58]:<58} {fmt(a)} {fmt(t)}")
 
 
 def main() -> None:
@@ -168,13 +256,15 @@ def main() -> None:
                         help="for both trainers (on: TRL's SFTConfig default)")
     parser.add_argument("--atlas-pack-length", type=int, help="atlas packs examples into rows "
                         "of this many tokens (data.loader.packing); TRL runs as before")
+    parser.add_argument("--profile", action="store_true", help="memory at each phase and "
+                        "torch.profiler's top operators (slow: use few trajectories)")
     parser.add_argument("--child", nargs=2, metavar=("TRAINER", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child[0], float(args.child[1]),
                                            args.trajectories, args.model, args.model_config,
                                            args.tokenizer, args.gradient_checkpointing == "on",
-                                           args.atlas_pack_length)))
+                                           args.atlas_pack_length, args.profile)))
         return
     rows = []
     for ratio in args.ratios:
@@ -183,6 +273,7 @@ def main() -> None:
                      (("model_config", args.model_config), ("tokenizer", args.tokenizer),
                       ("gradient_checkpointing", args.gradient_checkpointing),
                       ("atlas_pack_length", args.atlas_pack_length)) if v]
+            extra += ["--profile"] if args.profile else []
             proc = subprocess.run([sys.executable, __file__, "--child", trainer, str(ratio),
                                    "--trajectories", str(args.trajectories), "--model",
                                    args.model, *extra], cwd=ROOT, capture_output=True, text=True)
@@ -213,6 +304,9 @@ def main() -> None:
         print(f"ratio {ratio}: atlas/TRL wall time {a['seconds'] / t['seconds']:.2f}x, "
               f"peak memory {a['peak_memory_mb'] / t['peak_memory_mb']:.2f}x, "
               f"first-batch loss difference {diff:.2e}")
+    print_memory(rows, memory.split()[1])
+    if args.profile:
+        print_profiles(rows, args.ratios)
     for r in rows:
         print(json.dumps(r))
     if not ok:
