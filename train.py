@@ -10,7 +10,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from atlas.utils import refuse_secret_overrides
+from atlas.utils import ddp_child_argv, refuse_secret_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -22,4 +22,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     refuse_secret_overrides(sys.argv[1:])
+    sys.argv = ddp_child_argv(sys.argv)  # a DDP child runs its parent's job, not the sweep
     main()

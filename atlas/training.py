@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 from atlas.data.datamodule import load_trajectories, split_trajectories
 from atlas.model import load_model, load_tokenizer
 from atlas.selection import apply_selections, log_failures, select_steps, summarize, write_selection
-from atlas.utils import atomic_write, redact, single_log_handler, wandb_offline_by_default
+from atlas.utils import (DDP_JOB_ENV, atomic_write, redact, single_log_handler,
+                         wandb_offline_by_default)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +48,52 @@ def _choices() -> dict[str, str]:
         return {}
 
 
+def _hydra_job() -> tuple[list[str], str | None]:
+    """This job's command-line overrides and, under ``-m``, its sweep directory."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    try:
+        hc = HydraConfig.get()
+    except ValueError:
+        return [], None
+    return list(hc.overrides.task), hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+
+
+# what Lightning's DDP launcher sets in the parent's environment
+DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE",
+                  DDP_JOB_ENV)
+
+
+def _end_distributed(launch_env: dict[str, str | None]) -> None:
+    """Leave the process as the job found it, so the next job of a multirun starts its own DDP
+    group: Lightning keeps the process group and its launch variables, and with ``LOCAL_RANK``
+    set it would take the next job's ranks as started by someone else, and wait for them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and launch_env["MASTER_PORT"] is None:
+        dist.destroy_process_group()
+    for key, value in launch_env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _wandb_run(cfg: DictConfig, choices: dict[str, str], selector_name: str,
+               sweep_dir: str | None) -> dict[str, Any]:
+    """W&B run settings that make a sweep comparable on a dashboard: the sweep as the group,
+    the compared factors as tags and in the run name."""
+    lc = cfg.logger
+    ratio = "all" if selector_name == "full" else f"{cfg.ratio:g}"
+    tags = [f"selector:{selector_name}", f"ratio:{ratio}", f"seed:{cfg.seed}"]
+    tags += [f"{g}:{choices[g]}" for g in ("model", "oracle", "data") if g in choices]
+    return {"group": lc.get("group") or (f"{cfg.task_name}-{Path(sweep_dir).name}" if sweep_dir
+                                         else None),
+            "tags": [*(lc.get("tags") or []), *tags],
+            "name": lc.get("name") or f"{selector_name}-r{ratio}-s{cfg.seed}"}
+
+
 def _callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Any]:
     callbacks = [instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
     if not has_logger:  # Lightning refuses a LearningRateMonitor with nothing to log to
@@ -57,6 +105,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``conf/train.yaml``; returns its summary."""
     t0 = time.time()
     single_log_handler()
+    launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
     wandb_mode = wandb_offline_by_default()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -99,7 +148,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     peft_config = instantiate(cfg.peft) if cfg.get("peft") else None
     model = load_model(**cfg.model, peft=peft_config)
     module = instantiate(cfg.module, _partial_=True)(model=model)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    overrides, sweep_dir = _hydra_job()
+    logger = False
+    if cfg.get("logger"):
+        wandb = cfg.logger.get("_target_", "").endswith("WandbLogger")
+        logger = instantiate(cfg.logger, **(_wandb_run(cfg, choices, selector.name, sweep_dir)
+                                            if wandb else {}))
+    if rank_zero_only.rank == 0:  # read by DDP children as they start (atlas.utils.ddp_child_argv)
+        os.environ[DDP_JOB_ENV] = json.dumps({"overrides": overrides, "output_dir": str(out.resolve())})
     trainer = instantiate(cfg.trainer, logger=logger,
                           callbacks=_callbacks(cfg.get("callbacks"), has_logger=bool(logger)))
     safe_config = redact(OmegaConf.to_container(cfg, resolve=True))
@@ -152,6 +208,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if logger and type(logger).__name__ == "WandbLogger":
             run = logger.experiment
             run.summary.update({f"selection/{k}": v for k, v in stats.items()})
+            run.summary.update({f"selection/criteria/{k}": v for k, v in selected["criteria"].items()})
+            if "eval" in summary:  # the sweep's headline numbers, one column each on a dashboard
+                for group, name in (("held_in", "heldin_avg"), ("held_out", "heldout_avg")):
+                    avg = summary["eval"]["averages"].get(group)
+                    if avg:
+                        run.summary.update({name: avg["success"], f"{name}_reward": avg["reward"]})
             summary["wandb"] = {"mode": wandb_mode, "dir": str(Path(run.dir).parent.resolve()),
                                 "run_id": run.id}
         atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
@@ -166,6 +228,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         log.info("summary in %s (%.0f s)", (out / "train_summary.json").resolve(),
                  summary["wall_time_s"])
     finally:
+        _end_distributed(launch_env)
         # Without this, the next job of a multirun logs into this job's W&B run.
         import wandb
 

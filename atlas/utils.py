@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+import json
 import logging
 import os
 import re
@@ -101,3 +102,22 @@ def single_log_handler() -> None:
     for name in ("lightning.pytorch", "lightning.fabric"):
         lg = logging.getLogger(name)
         lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
+
+
+DDP_JOB_ENV = "ATLAS_DDP_JOB"
+
+
+def ddp_child_argv(argv: list[str]) -> list[str]:
+    """The command line of a DDP child process: this one job, in its parent's directory.
+
+    Lightning starts DDP ranks > 0 by re-running the parent's command line. Under ``-m`` that is
+    the whole sweep, with its ``${now}`` directories re-evaluated: each child would run every
+    job again and write a second directory tree. The parent job leaves its overrides and output
+    directory in the environment (:data:`DDP_JOB_ENV`); a child runs exactly that job there.
+    """
+    rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    if rank == 0 or DDP_JOB_ENV not in os.environ:
+        return argv
+    job = json.loads(os.environ[DDP_JOB_ENV])
+    return [argv[0], *job["overrides"], f'hydra.run.dir="{job["output_dir"]}"',
+            f"hydra.job.name=train_ddp_process_{rank}", "hydra.output_subdir=null"]

@@ -161,7 +161,16 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path)
         results = json.loads((job / "eval" / "results.json").read_text())
         assert set(results["environments"]) == {"babyai", "maze"}
         [run_dir] = (job / "wandb").glob("offline-run-*")
-        assert b"eval/held_out/success" in b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+        record = b"".join(p.read_bytes() for p in run_dir.glob("*.wandb"))
+        assert b"eval/held_out/success" in record
+        # one W&B group for the sweep; the compared factors as tags and in the run's name
+        ratio = f"{summary['ratio']:g}"
+        for text in (f"train-{sweep.name}", f"selector:{summary['selector']}", f"ratio:{ratio}",
+                     "model:tiny_llama", "oracle:heuristic", f"{summary['selector']}-r{ratio}-s0",
+                     "heldin_avg", "heldout_avg", "select/cost_usd"):
+            assert text.encode() in record, text
+        if summary["selector"] == "critical":  # how many steps each criterion chose
+            assert summary["criteria"] and b"selection/criteria/" in record
     assert len(run_ids) == 4
     assert combos == {("critical", 0.1), ("critical", 0.3), ("random", 0.1), ("random", 0.3)}
     # API keys from the environment reach no saved config, log or W&B file
@@ -218,6 +227,27 @@ def test_first_step_uses_the_full_lr_without_warmup(tmp_path):
         lrs = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in csv.DictReader(f) if r.get("lr-AdamW/pg1")}
     assert lrs[0] == pytest.approx(0.001)  # not 0: the schedule is sized before the first step
     assert lrs[1] == pytest.approx(0.0005)  # cosine over 2 steps
+
+
+def test_multirun_with_ddp_runs_each_job_once_in_one_directory_tree(tmp_path):
+    """Lightning starts DDP ranks by re-running the command line: under -m, a naive child would
+    run the whole sweep again and, its ${now} re-evaluated, write a second tree."""
+    _run_cli(["-m", "selector=full,random", "trainer=ddp", "trainer.accelerator=cpu",
+              "trainer.devices=2", "trainer.precision=32-true", "model=tiny_llama", "data.limit=9",
+              "data.val_fraction=0", "trainer.max_epochs=1", "trainer.accumulate_grad_batches=1",
+              "logger=csv",
+              "eval_after_training=false"], cwd=tmp_path, timeout=300)  # the pitfall hangs
+    [sweep] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert not (tmp_path / "logs" / "train" / "runs").exists()
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [j.name for j in jobs] == ["0", "1"]
+    for job in jobs:
+        summary = json.loads((job / "train_summary.json").read_text())
+        # 9 trajectories over 2 ranks: 5 steps an epoch (9 on one process)
+        assert summary["global_step"] == 5
+        assert (job / "train_ddp_process_1.log").exists()  # rank 1 ran in its parent's job dir
+    assert {json.loads((j / "train_summary.json").read_text())["selector"] for j in jobs} == \
+        {"full", "random"}
 
 
 def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
