@@ -273,3 +273,32 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     episodes = (run / "eval" / "episodes.jsonl").read_text().splitlines()
     assert len(episodes) == 2
     assert AutoModelForCausalLM.from_pretrained(run / "model").config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("name,model,jobs", [("cpu_small", "embedded:smollm2-135m-instruct", 8),
+                                             ("paper", "meta-llama/Llama-3.1-8B-Instruct", 15)])
+def test_experiment_configs_compose(name, model, jobs):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+    assert cfg.model.name == model and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert len(params.selector.split(",")) * len(str(params.ratio).split(",")) == jobs
+    assert f"multiruns/{name}_" in cfg.hydra.sweep.dir
+    if name == "paper":  # the paper's oracle and the multi-GPU strategy
+        assert cfg.oracle.model == "gpt-4o" and cfg.trainer.strategy == "fsdp"
+    else:  # the experiment's values win over train.yaml's
+        assert cfg.module.lr == 2e-4 and cfg.data.limit == 64 and cfg.eval.episodes == 4
+
+
+def test_experiment_cpu_small_starts_its_sweep(tmp_path):
+    """`python train.py experiment=cpu_small` runs the sweep itself (hydra.mode=MULTIRUN),
+    here shrunk to 2 jobs of a tiny model (command-line sweeps replace the experiment's)."""
+    _run_cli(["experiment=cpu_small", "model=tiny_llama", "eval=smoke", "data.limit=6",
+              "trainer.max_steps=1", "logger=csv", "selector=critical,full", "ratio=0.3"], cwd=tmp_path)
+    [sweep] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    assert sweep.name.startswith("cpu_small_")
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/train_summary.json"))]
+    assert [(s["selector"], s["ratio"]) for s in summaries] == [("critical", 0.3), ("full", 0.3)]
+    assert all("held_out" in s["eval"]["averages"] for s in summaries)
