@@ -302,3 +302,34 @@ def test_experiment_cpu_small_starts_its_sweep(tmp_path):
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/train_summary.json"))]
     assert [(s["selector"], s["ratio"]) for s in summaries] == [("critical", 0.3), ("full", 0.3)]
     assert all("held_out" in s["eval"]["averages"] for s in summaries)
+
+
+def test_parallel_launcher_runs_a_sweep_in_separate_processes(tmp_path):
+    """hydra/launcher=parallel (joblib, the `launchers` extra) runs the jobs side by side, each
+    with its own offline W&B run and result files."""
+    sweep = tmp_path / "sweep"
+    _run_cli(["-m", "hydra/launcher=parallel", "selector=critical,random", "model=tiny_llama",
+              "eval=smoke", "data.limit=6", "data.val_fraction=0", "trainer.max_steps=1",
+              f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/train_summary.json"))]
+    assert [s["selector"] for s in summaries] == ["critical", "random"]
+    assert len({s["wandb"]["run_id"] for s in summaries}) == 2
+    logs = [(sweep / str(i) / "train.log").read_text() for i in range(2)]
+    assert all("selector=" in log for log in logs)
+
+
+@pytest.mark.parametrize("launcher,target", [("parallel", "JoblibLauncher"), ("slurm", "SlurmLauncher")])
+def test_launcher_configs_compose(launcher, target):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"hydra/launcher={launcher}"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith(target)
+
+
+def test_deepspeed_config_names_a_lightning_strategy(tmp_path):
+    """trainer=deepspeed needs CUDA and the `deepspeed` extra: here only its config is checked."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    cfg = compose_train(tmp_path, "trainer=deepspeed")
+    assert cfg.trainer.strategy in StrategyRegistry and cfg.trainer.accelerator == "gpu"
