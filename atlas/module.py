@@ -174,6 +174,12 @@ class AtlasLM(L.LightningModule):
     def validation_step(self, batch, batch_idx):
         return self._shared_step(batch, "val")
 
+    def on_fit_start(self):
+        # from_pretrained returns the model in eval mode, and Lightning keeps each module's mode;
+        # left so, dropout and gradient checkpointing (HF applies it only in training mode)
+        # would be silently off
+        self.model.train()
+
     def on_train_start(self):
         # Read here, not in configure_optimizers: asking Lightning for it there builds the train
         # dataloader before a checkpoint's dataloader state is restored, and a mid-epoch resume

@@ -333,3 +333,31 @@ def test_deepspeed_config_names_a_lightning_strategy(tmp_path):
 
     cfg = compose_train(tmp_path, "trainer=deepspeed")
     assert cfg.trainer.strategy in StrategyRegistry and cfg.trainer.accelerator == "gpu"
+
+
+def test_the_model_trains_in_training_mode_with_checkpointing_active(tmp_path):
+    """from_pretrained hands back a model in eval mode: training must switch it, or dropout and
+    gradient checkpointing (which transformers applies only in training mode) are silently off."""
+    import lightning as L
+
+    from atlas.data.datamodule import TrajectoryDataModule
+    from atlas.model import load_model, load_tokenizer
+    from atlas.module import AtlasLM
+
+    cfg = compose_train(tmp_path, "model.gradient_checkpointing=true")
+    model = load_model(**cfg.model)
+    model.eval()
+    trajectories = [t.with_selection(range(t.num_steps))
+                    for t in read_trajectories("pkg://atlas/data/default/babyai.jsonl")[:2]]
+    data = TrajectoryDataModule(trajectories, [], load_tokenizer(cfg.model.tokenizer or cfg.model.name))
+    seen = []
+
+    class Probe(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            layer = pl_module.model.model.layers[0]
+            seen.append((pl_module.model.training, layer.training and layer.gradient_checkpointing))
+
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[Probe()])
+    trainer.fit(AtlasLM(model), datamodule=data)
+    assert seen == [(True, True), (True, True)]
