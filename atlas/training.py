@@ -48,16 +48,17 @@ def _choices() -> dict[str, str]:
         return {}
 
 
-def _hydra_job() -> tuple[list[str], str | None]:
-    """This job's command-line overrides and, under ``-m``, its sweep directory."""
+def _hydra_job() -> tuple[dict[str, list[str]], str | None]:
+    """This job's overrides (``task`` and ``hydra``) and, in a sweep, the sweep's directory."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     try:
         hc = HydraConfig.get()
     except ValueError:
-        return [], None
-    return list(hc.overrides.task), hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None
+        return {"overrides": [], "hydra_overrides": []}, None
+    return ({"overrides": list(hc.overrides.task), "hydra_overrides": list(hc.overrides.hydra)},
+            hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None)
 
 
 # what Lightning's DDP launcher sets in the parent's environment
@@ -155,7 +156,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         logger = instantiate(cfg.logger, **(_wandb_run(cfg, choices, selector.name, sweep_dir)
                                             if wandb else {}))
     if rank_zero_only.rank == 0:  # read by DDP children as they start (atlas.utils.ddp_child_argv)
-        os.environ[DDP_JOB_ENV] = json.dumps({"overrides": overrides, "output_dir": str(out.resolve())})
+        os.environ[DDP_JOB_ENV] = json.dumps({**overrides, "output_dir": str(out.resolve())})
     trainer = instantiate(cfg.trainer, logger=logger,
                           callbacks=_callbacks(cfg.get("callbacks"), has_logger=bool(logger)))
     safe_config = redact(OmegaConf.to_container(cfg, resolve=True))

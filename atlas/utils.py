@@ -107,17 +107,37 @@ def single_log_handler() -> None:
 DDP_JOB_ENV = "ATLAS_DDP_JOB"
 
 
+# Hydra settings a DDP child must not take from its parent: they would start a sweep or move
+# the job's directory (the child gets its own below)
+_SWEEP_SETTINGS = ("hydra.mode", "hydra.run.", "hydra.sweep.", "hydra.sweeper", "hydra/sweeper",
+                   "hydra.launcher", "hydra/launcher", "hydra.job.name", "hydra.output_subdir")
+_CONFIG_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+
+
 def ddp_child_argv(argv: list[str]) -> list[str]:
     """The command line of a DDP child process: this one job, in its parent's directory.
 
-    Lightning starts DDP ranks > 0 by re-running the parent's command line. Under ``-m`` that is
-    the whole sweep, with its ``${now}`` directories re-evaluated: each child would run every
-    job again and write a second directory tree. The parent job leaves its overrides and output
-    directory in the environment (:data:`DDP_JOB_ENV`); a child runs exactly that job there.
+    Lightning starts DDP ranks > 0 by re-running the parent's command line. Under ``-m`` (or an
+    experiment that sets ``hydra.mode=MULTIRUN``) that is the whole sweep, with its ``${now}``
+    directories evaluated again: each child would run every job again and write a second
+    directory tree. The parent job leaves its overrides and output directory in the environment
+    (:data:`DDP_JOB_ENV`); a child runs exactly that job, with the parent's config options
+    (``--config-name``...), in the parent's directory. Ranks started by torchrun or SLURM do not
+    see that variable and keep their command line.
     """
     rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
     if rank == 0 or DDP_JOB_ENV not in os.environ:
         return argv
     job = json.loads(os.environ[DDP_JOB_ENV])
-    return [argv[0], *job["overrides"], f'hydra.run.dir="{job["output_dir"]}"',
-            f"hydra.job.name=train_ddp_process_{rank}", "hydra.output_subdir=null"]
+    config_args, args = [], iter(argv[1:])
+    for arg in args:
+        if arg.split("=", 1)[0] in _CONFIG_FLAGS:
+            config_args += [arg] if "=" in arg else [arg, next(args, "")]
+    hydra_args = [o for o in job.get("hydra_overrides", [])
+                  if not o.lstrip("+~").startswith(_SWEEP_SETTINGS)]
+    if '"' in job["output_dir"] or "${" in job["output_dir"]:
+        raise SystemExit(f"DDP: the job directory {job['output_dir']!r} cannot be passed to "
+                         f"Hydra (it holds '\"' or '${{'); choose another hydra.sweep.dir")
+    return [argv[0], *config_args, *job["overrides"], *hydra_args,
+            f'hydra.run.dir="{job["output_dir"]}"', f"hydra.job.name=train_ddp_process_{rank}",
+            "hydra.output_subdir=null", "hydra.mode=RUN"]

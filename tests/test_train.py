@@ -241,17 +241,19 @@ def test_first_step_uses_the_full_lr_without_warmup(tmp_path):
     assert lrs[1] == pytest.approx(0.0005)  # cosine over 2 steps
 
 
-def test_multirun_with_ddp_runs_each_job_once_in_one_directory_tree(tmp_path):
-    """Lightning starts DDP ranks by re-running the command line: under -m, a naive child would
-    run the whole sweep again and, its ${now} re-evaluated, write a second tree."""
-    _run_cli(["-m", "selector=full,random", "trainer=ddp", "trainer.accelerator=cpu",
+@pytest.mark.parametrize("sweep", [["-m"], ["experiment=cpu_small"]], ids=["-m", "experiment"])
+def test_multirun_with_ddp_runs_each_job_once_in_one_directory_tree(tmp_path, sweep):
+    """Lightning starts DDP ranks by re-running the command line: in a sweep (-m, or an
+    experiment that sets hydra.mode=MULTIRUN), a naive child would run the whole sweep again
+    and, its ${now} re-evaluated, write a second tree."""
+    _run_cli([*sweep, "selector=full,random", "ratio=0.3", "trainer=ddp", "trainer.accelerator=cpu",
               "trainer.devices=2", "trainer.precision=32-true", "model=tiny_llama", "data.limit=9",
               "data.val_fraction=0", "trainer.max_epochs=1", "trainer.accumulate_grad_batches=1",
               "logger=csv",
               "eval_after_training=false"], cwd=tmp_path, timeout=300)  # the pitfall hangs
-    [sweep] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    [sweep_dir] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert not (tmp_path / "logs" / "train" / "runs").exists()
-    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
     assert [j.name for j in jobs] == ["0", "1"]
     for job in jobs:
         summary = json.loads((job / "train_summary.json").read_text())
@@ -260,6 +262,27 @@ def test_multirun_with_ddp_runs_each_job_once_in_one_directory_tree(tmp_path):
         assert (job / "train_ddp_process_1.log").exists()  # rank 1 ran in its parent's job dir
     assert {json.loads((j / "train_summary.json").read_text())["selector"] for j in jobs} == \
         {"full", "random"}
+
+
+def test_a_ddp_child_runs_its_parents_job_with_its_config_options(monkeypatch):
+    from atlas.utils import DDP_JOB_ENV, ddp_child_argv
+
+    parent = ["train.py", "-m", "-cn", "train", "--config-dir=/x", "selector=a,b", "ratio=0.1,0.3",
+              "hydra.job.chdir=false", "hydra.sweep.dir=/s"]
+    monkeypatch.setenv(DDP_JOB_ENV, json.dumps({
+        "overrides": ["selector=b", "ratio=0.3"], "output_dir": "/s/3",
+        "hydra_overrides": ["hydra.mode=MULTIRUN", "hydra.sweep.dir=/s", "hydra.job.chdir=false",
+                            "hydra/launcher=parallel"]}))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert ddp_child_argv(parent) == parent  # rank 0 is the parent itself
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    # what Lightning's launcher appends is replaced; the sweep settings are not inherited
+    assert ddp_child_argv(parent + ['hydra.run.dir="x"', "hydra.output_subdir=null"]) == [
+        "train.py", "-cn", "train", "--config-dir=/x", "selector=b", "ratio=0.3",
+        "hydra.job.chdir=false", 'hydra.run.dir="/s/3"', "hydra.job.name=train_ddp_process_1",
+        "hydra.output_subdir=null", "hydra.mode=RUN"]
+    monkeypatch.delenv(DDP_JOB_ENV)  # torchrun / SLURM ranks keep their own command line
+    assert ddp_child_argv(parent) == parent
 
 
 def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
