@@ -91,26 +91,29 @@ def _logged_losses(run_dir: Path) -> dict[int, float]:
         return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-@pytest.mark.parametrize("loader", [[], ["data.loader.group_by_length=true", "data.limit=24",
-                                           "data.loader.batch_size=2"]],
-                         ids=["shuffled", "length_grouped"])
-def test_training_resumes_mid_epoch_exactly_where_it_stopped(tmp_path, loader):
-    """Resumed from its step-3 checkpoint, a run sees the same batches with the same weights
+@pytest.mark.parametrize("loader,resume_at,steps", [
+    ([], 3, 6),
+    # 4 batches an epoch: resumed in the second epoch, which has an order of its own
+    (["data.loader.group_by_length=true", "data.limit=8", "data.loader.batch_size=2",
+      "trainer.max_epochs=2"], 5, 7)], ids=["shuffled", "length_grouped_epoch_1"])
+def test_training_resumes_mid_epoch_exactly_where_it_stopped(tmp_path, loader, resume_at, steps):
+    """Resumed from a mid-epoch checkpoint, a run sees the same batches with the same weights
     as the uninterrupted run: its step losses match."""
     common = ["trainer.accumulate_grad_batches=1", "data.limit=12", "data.val_fraction=0",
-              "trainer.max_epochs=1", "trainer.max_steps=6", "module.lr=1e-2",
+              "trainer.max_epochs=1", f"trainer.max_steps={steps}", "module.lr=1e-2",
               "validate_before_training=false", *loader]
     whole = train(compose_train(tmp_path / "whole", *common, "callbacks.model_checkpoint.save_top_k=-1",
                                 "callbacks.model_checkpoint.every_n_train_steps=1"))
-    assert whole["global_step"] == 6
-    step3 = tmp_path / "whole" / "checkpoints" / "step3.ckpt"
-    assert step3.exists() and (tmp_path / "whole" / "checkpoints" / "last.ckpt").exists()
-    resumed = train(compose_train(tmp_path / "b", *common, f"ckpt_path={step3}"))
-    assert resumed["global_step"] == 6
+    assert whole["global_step"] == steps
+    ckpt = tmp_path / "whole" / "checkpoints" / f"step{resume_at}.ckpt"
+    assert ckpt.exists() and (tmp_path / "whole" / "checkpoints" / "last.ckpt").exists()
+    resumed = train(compose_train(tmp_path / "b", *common, f"ckpt_path={ckpt}"))
+    assert resumed["global_step"] == steps
     expected = _logged_losses(tmp_path / "whole")
-    assert sorted(expected) == list(range(6))
-    # the resumed run trains only the three missing steps, on the batches the whole run saw
-    assert _logged_losses(tmp_path / "b") == pytest.approx({k: expected[k] for k in range(3, 6)}, abs=1e-4)
+    assert sorted(expected) == list(range(steps))
+    # the resumed run trains only the missing steps, on the batches the whole run saw
+    assert _logged_losses(tmp_path / "b") == pytest.approx(
+        {k: expected[k] for k in range(resume_at, steps)}, abs=1e-4)
 
 
 def test_loss_average_and_bad_values_are_checked(tmp_path):

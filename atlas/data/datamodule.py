@@ -243,9 +243,16 @@ class TrajectoryDataModule(L.LightningDataModule):
         fn = collate_packed if packed else collate
         sampler = None
         if shuffle and self.group_by_length:
+            trainer = self.trainer
+            if trainer is not None and trainer.world_size > 1:
+                log.warning("data.loader.group_by_length has no effect under DDP: Lightning's "
+                            "distributed sampler shuffles the order it is given")
             lengths = [sum(len(e.input_ids) for e in i) if packed else len(i.input_ids)
                        for i in items]
             sampler, shuffle = LengthGroupedSampler(lengths, self.batch_size, self.seed), False
+            # Lightning sets the epoch at each epoch's start, but a run resumed mid-epoch draws
+            # its order before that: start from the trainer's epoch
+            sampler.set_epoch(trainer.current_epoch if trainer is not None else 0)
         return StatefulDataLoader(items, batch_size=self.batch_size, shuffle=shuffle,
                                   sampler=sampler, num_workers=self.num_workers,
                                   collate_fn=functools.partial(
