@@ -108,33 +108,65 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
                 if env.get("group") == group:
                     columns.setdefault(name, group)
     columns.update({g: "avg" for g in GROUPS})
-    # "selector" is the row key already; any other choice that differs must split the cells.
+    # "selector" is the row key already; any other choice that differs must split the cells,
+    # and so must any other override (module.lr=..., data.limit=...) that differs
     keys = sorted({k for job in jobs for k in job["summary"].get("choices") or {}} - {"selector"})
     choice_keys = [k for k in keys
                    if len({(job["summary"].get("choices") or {}).get(k) for job in jobs}) > 1]
+    if len({_other_overrides(job) for job in jobs}) > 1:
+        choice_keys.append("overrides")
     cells: dict[tuple, list[dict]] = {}
     for job in jobs:
         s = job["summary"]
         ratio = 1.0 if s["selector"] == "full" else round(float(s["ratio"]), 6)  # full ignores it
-        choices = tuple(str((s.get("choices") or {}).get(k, "?")) for k in choice_keys)
+        choices = tuple(_other_overrides(job) if k == "overrides"
+                        else str((s.get("choices") or {}).get(k, "?")) for k in choice_keys)
         cells.setdefault((s["selector"], ratio, choices), []).append(job)
     rows = []
     for (selector, ratio, choices), members in sorted(cells.items()):
-        seeds = [m["summary"]["seed"] for m in members]
-        if len(set(seeds)) < len(seeds):
-            log.warning("%s ratio=%s: several jobs with the same seed (%s); all are averaged",
-                        selector, ratio, ", ".join(str(m["dir"]) for m in members))
+        by_seed: dict[int, list[dict]] = {}
+        for m in members:
+            by_seed.setdefault(m["summary"]["seed"], []).append(m)
+        repeated = {seed: ms for seed, ms in by_seed.items() if len(ms) > 1}
+        if repeated:
+            # `full` at several ratios is the same run each time: one seed, not several
+            (log.info if selector == "full" else log.warning)(
+                "%s ratio=%s: %d jobs share a seed and are averaged as one (%s)", selector,
+                "all" if selector == "full" else ratio, sum(map(len, repeated.values())),
+                ", ".join(str(m["dir"]) for ms in repeated.values() for m in ms))
         row = {"selector": selector, "ratio": ratio, **dict(zip(choice_keys, choices)),
-               "n_seeds": len(members), "seeds": sorted(seeds)}
+               "n_seeds": len(by_seed), "seeds": sorted(by_seed)}
         for name, group in columns.items():
-            source = [m["results"].get("averages" if group == "avg" else "environments", {}).get(name)
-                      for m in members]
-            values = [float(v[metric]) for v in source
-                      if v and v.get(metric) is not None and not math.isnan(float(v[metric]))]
-            row[f"{name}_mean"] = statistics.fmean(values) if values else None
-            row[f"{name}_std"] = statistics.stdev(values) if len(values) >= 2 else None
+            values = ([v for m in ms if (v := _value(m, name, group, metric)) is not None]
+                      for ms in by_seed.values())
+            per_seed = [statistics.fmean(vs) for vs in values if vs]
+            row[f"{name}_mean"] = statistics.fmean(per_seed) if per_seed else None
+            row[f"{name}_std"] = statistics.stdev(per_seed) if len(per_seed) >= 2 else None
         rows.append(row)
     return choice_keys, columns, rows
+
+
+def _value(job: dict[str, Any], name: str, group: str, metric: str) -> float | None:
+    entry = job["results"].get("averages" if group == "avg" else "environments", {}).get(name)
+    value = entry.get(metric) if entry else None
+    return None if value is None or math.isnan(float(value)) else float(value)
+
+
+def _other_overrides(job: dict[str, Any]) -> str:
+    """The job's command-line overrides besides the selector, ratio, seed and group choices
+    (from ``.hydra/overrides.yaml``), e.g. ``module.lr=0.001``; empty when there are none."""
+    path = job["dir"] / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return ""
+    from omegaconf import OmegaConf
+
+    choices = set(job["summary"].get("choices") or {})
+    keep = []
+    for override in OmegaConf.load(path) or []:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key not in {"selector", "ratio", "seed", *choices} and not key.startswith("hydra"):
+            keep.append(override)
+    return " ".join(sorted(keep))
 
 
 def format_markdown(choice_keys: list[str], columns: dict[str, str], rows: list[dict]) -> str:
@@ -261,7 +293,10 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
 
         wandb_offline_by_default()
         # dir=out: W&B adds its own wandb/ below it, so the run lands in <out>/wandb/.
-        run = wandb.init(project="atlas", job_type="report", group=root.name, dir=str(out),
+        # the jobs' project and group (older summaries lack them: train.py's defaults)
+        logged = next(j["summary"]["wandb"] for j in jobs if "wandb" in j["summary"])
+        run = wandb.init(project=logged.get("project", "atlas"), job_type="report",
+                         group=logged.get("group") or f"train-{root.name}", dir=str(out),
                          config={"multirun_dir": str(root), "metric": metric, "jobs": len(jobs)})
         try:
             run.log({"report/table": wandb.Table(columns=fields, data=[

@@ -216,6 +216,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     if avg:
                         run.summary.update({name: avg["success"], f"{name}_reward": avg["reward"]})
             summary["wandb"] = {"mode": wandb_mode, "dir": str(Path(run.dir).parent.resolve()),
+                                "project": run.project, "group": run.group,
                                 "run_id": run.id}
         atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
         if "val_loss_before_training" in summary and "val/loss" in summary["metrics"]:

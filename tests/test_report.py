@@ -188,3 +188,26 @@ def test_wandb_skipped_when_disabled_or_not_used(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert report(root, use_wandb=False)["wandb_dir"] is None
     assert not (root / "report" / "wandb").exists()
+
+
+def test_full_at_several_ratios_is_one_seed_and_other_overrides_split_cells(tmp_path):
+    root = tmp_path / "sweep"
+    # full ignores the ratio: a ratio sweep runs it once per ratio, with the same seed
+    write_job(root / "0", "full", 0.3, 0, (80.0, 60.0, 40.0))
+    write_job(root / "1", "full", 0.5, 0, (70.0, 60.0, 40.0))
+    write_job(root / "2", "full", 0.3, 1, (90.0, 60.0, 40.0))
+    [full] = report(root, use_wandb=False)["rows"]
+    # seed 0: (80 + 70) / 2 = 75; seed 1: 90 -> two seeds, mean 82.5, std of (75, 90)
+    assert full["n_seeds"] == 2 and full["seeds"] == [0, 1]
+    assert full["babyai_mean"] == pytest.approx(82.5)
+    assert full["babyai_std"] == pytest.approx(statistics.stdev([75.0, 90.0]))
+
+    # jobs that differ in another override are different experiments, not seeds
+    other = tmp_path / "lr"
+    for num, lr in enumerate(("1e-4", "2e-4")):
+        job = write_job(other / str(num), "random", 0.3, 0, (50.0 + num, 40.0, 20.0))
+        (job / ".hydra" / "overrides.yaml").write_text(
+            f"- selector=random\n- ratio=0.3\n- module.lr={lr}\n")
+    rows = report(other, use_wandb=False)["rows"]
+    assert [(r["overrides"], r["n_seeds"], r["babyai_mean"]) for r in rows] == [
+        ("module.lr=1e-4", 1, 50.0), ("module.lr=2e-4", 1, 51.0)]
