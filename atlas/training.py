@@ -61,6 +61,24 @@ def _hydra_job() -> tuple[dict[str, list[str]], str | None]:
             hc.sweep.dir if hc.mode == RunMode.MULTIRUN else None)
 
 
+# how long ranks > 0 wait for rank 0's selection (an LLM oracle over thousands of trajectories)
+SELECTION_WAIT_S = 6 * 3600
+
+
+def wait_for_file(path: Path, timeout_s: float, what: str, poll_s: float = 2.0) -> Path:
+    """Wait until another process has written ``path`` (atomically), or raise after a timeout."""
+    start = next_log = time.monotonic()
+    while not path.exists():
+        now = time.monotonic()
+        if now - start > timeout_s:
+            raise TimeoutError(f"waited {now - start:.0f} s for {what} ({path}): did rank 0 fail?")
+        if now >= next_log:
+            log.info("waiting for %s (%s)", what, path)
+            next_log = now + 60
+        time.sleep(poll_s)
+    return path
+
+
 # what Lightning's DDP launcher sets in the parent's environment
 DDP_LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE",
                   DDP_JOB_ENV)
@@ -113,6 +131,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     choices = _choices()
 
+    if "deepspeed_stage_3" in str(cfg.trainer.get("strategy")):
+        raise ValueError("trainer.strategy=deepspeed_stage_3 shards the weights, and the model "
+                         "would be saved and evaluated from its shards: use deepspeed_stage_2, "
+                         "or trainer=fsdp to shard the weights")
+
     # 1. expert trajectories
     d = cfg.data
     trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
@@ -122,9 +145,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     selector = instantiate(cfg.selector)
     selection_file = out / "selection.jsonl"
     reuse = cfg.get("selection_file")
-    if rank_zero_only.rank != 0 and selection_file.exists():
-        # DDP children start after rank 0 selected: train on exactly its choice, ask nothing
-        reuse = str(selection_file)
+    if rank_zero_only.rank != 0:
+        # every rank trains on rank 0's choice and asks the oracle nothing; ranks that torchrun
+        # or SLURM started alongside rank 0 wait for it (Lightning's own start after it)
+        reuse = str(wait_for_file(selection_file, SELECTION_WAIT_S, "rank 0's selection"))
     selections = select_steps(selector, train_t, reuse)
     selection = apply_selections(train_t, selections)
     if rank_zero_only.rank == 0:  # DDP children run this function too

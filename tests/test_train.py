@@ -387,3 +387,23 @@ def test_the_model_trains_in_training_mode_with_checkpointing_active(tmp_path):
                         enable_progress_bar=False, callbacks=[Probe()])
     trainer.fit(AtlasLM(model), datamodule=data)
     assert seen == [(True, True), (True, True)]
+
+
+def test_deepspeed_stage_3_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="deepspeed_stage_3 shards the weights"):
+        train(compose_train(tmp_path, "trainer=deepspeed", "trainer.strategy=deepspeed_stage_3"))
+
+
+def test_ranks_above_zero_wait_for_rank_zeros_selection(tmp_path):
+    """Ranks that torchrun or SLURM start alongside rank 0 train on its selection file, written
+    when it is ready; a rank 0 that never writes it ends the wait with a clear error."""
+    import threading
+
+    from atlas.training import wait_for_file
+    from atlas.utils import atomic_write
+
+    target = tmp_path / "selection.jsonl"
+    threading.Timer(0.3, atomic_write, args=(target, "{}\n")).start()
+    assert wait_for_file(target, timeout_s=10, what="rank 0's selection", poll_s=0.05) == target
+    with pytest.raises(TimeoutError, match="did rank 0 fail"):
+        wait_for_file(tmp_path / "never.jsonl", timeout_s=0.2, what="rank 0's selection", poll_s=0.05)
