@@ -38,8 +38,13 @@ from atlas.evaluation import GROUPS
 log = logging.getLogger(__name__)
 
 METRICS = ("success", "reward")
-AVERAGES = {"held_in": "held-in avg", "held_out": "held-out avg"}
 SHORT = {"held_in": "in", "held_out": "out"}
+# column -> (summary section, key, scale): validation loss on every step of the held-out
+# trajectories after training, and the share of training steps supervised (%)
+TRAINING = {"val_loss": ("metrics", "val/loss", 1.0),
+            "supervised_steps": ("selection", "train/supervised_step_fraction", 100.0)}
+LABELS = {"held_in": "held-in avg", "held_out": "held-out avg", "val_loss": "val loss",
+          "supervised_steps": "supervised steps (%)"}
 
 
 def _read_json(path: Path) -> Any:
@@ -108,6 +113,8 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
                 if env.get("group") == group:
                     columns.setdefault(name, group)
     columns.update({g: "avg" for g in GROUPS})
+    # what training did, beside what the episodes show (at small scale, often the only signal)
+    columns.update({name: "training" for name in TRAINING})
     # "selector" is the row key already; any other choice that differs must split the cells,
     # and so must any other override (module.lr=..., data.limit=...) that differs
     keys = sorted({k for job in jobs for k in job["summary"].get("choices") or {}} - {"selector"})
@@ -147,6 +154,10 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
 
 
 def _value(job: dict[str, Any], name: str, group: str, metric: str) -> float | None:
+    if group == "training":
+        section, key, scale = TRAINING[name]
+        value = (job["summary"].get(section) or {}).get(key)
+        return None if value is None else scale * float(value)
     entry = job["results"].get("averages" if group == "avg" else "environments", {}).get(name)
     value = entry.get(metric) if entry else None
     return None if value is None or math.isnan(float(value)) else float(value)
@@ -172,15 +183,17 @@ def _other_overrides(job: dict[str, Any]) -> str:
 def format_markdown(choice_keys: list[str], columns: dict[str, str], rows: list[dict]) -> str:
     """The cells as a Markdown table: "61.2 ± 3.4" (mean ± sample std), a bare mean for one seed."""
     header = (["selector", "ratio", *choice_keys]
-              + [AVERAGES[n] if g == "avg" else f"{n} ({SHORT[g]})" for n, g in columns.items()]
+              + [LABELS[n] if g in ("avg", "training") else f"{n} ({SHORT[g]})"
+                 for n, g in columns.items()]
               + ["seeds"])
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for row in rows:
         values = []
         for name in columns:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
-            values.append("–" if mean is None else f"{mean:.1f}" if std is None
-                          else f"{mean:.1f} ± {std:.1f}")
+            digits = 3 if name == "val_loss" else 1
+            values.append("–" if mean is None else f"{mean:.{digits}f}" if std is None
+                          else f"{mean:.{digits}f} ± {std:.{digits}f}")
         ratio = "all" if row["selector"] == "full" else f"{row['ratio']:g}"
         cells = [row["selector"], ratio, *(row[k] for k in choice_keys), *values, str(row["n_seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -211,7 +224,7 @@ def plot_ratios(choice_keys: list[str], rows: list[dict], metric: str, out: Path
                             and tuple(r[k] for k in choice_keys) == variant), key=lambda r: r["ratio"])
             for j, group in enumerate(GROUPS):
                 color = f"C{(2 * i + j) % 10}"
-                label = AVERAGES[group] + (f" ({suffix})" if suffix else "")
+                label = LABELS[group] + (f" ({suffix})" if suffix else "")
                 points = [(r["ratio"], r[f"{group}_mean"], r[f"{group}_std"] or 0.0)
                           for r in cells if r[f"{group}_mean"] is not None]
                 if points:
@@ -221,7 +234,7 @@ def plot_ratios(choice_keys: list[str], rows: list[dict], metric: str, out: Path
                 ref = full.get(variant, {}).get(f"{group}_mean")
                 if ref is not None:
                     ax.axhline(ref, color=color, linestyle="--", linewidth=1,
-                               label=f"all steps ({AVERAGES[group]}{', ' + suffix if suffix else ''})")
+                               label=f"all steps ({LABELS[group]}{', ' + suffix if suffix else ''})")
         ratios = sorted({r["ratio"] for r in rows if r["selector"] == selector})
         ax.set_xticks(ratios, [f"{x:g}" for x in ratios])  # the swept ratios, not 0.025 steps
         ax.set_xlabel("ratio of supervised steps")

@@ -77,6 +77,9 @@ def test_table_csv_and_plots(tmp_path, capsys):
     assert cell["held_in_mean"] == pytest.approx(48.5)
     assert cell["held_in_std"] == pytest.approx(4.9497, abs=1e-4)
     assert cell["n_seeds"] == 2 and cell["seeds"] == [0, 1]
+    # what training did: validation loss and supervised share, from train_summary.json
+    assert cell["val_loss_mean"] == pytest.approx(1.0) and cell["val_loss_std"] == 0.0
+    assert cell["supervised_steps_mean"] is None  # not in these summaries: shown as "–"
     assert rows[("full", 1.0)]["n_seeds"] == 1 and rows[("full", 1.0)]["maze_std"] is None
 
     md = (out / "report.md").read_text()
@@ -85,9 +88,10 @@ def test_table_csv_and_plots(tmp_path, capsys):
     assert "9 jobs" in md.splitlines()[0]
     header = next(line for line in md.splitlines() if line.startswith("| selector"))
     assert header == ("| selector | ratio | babyai (in) | wordle (in) | maze (out) | held-in avg "
-                      "| held-out avg | seeds |")
-    assert "| critical | 0.1 | 55.0 ± 7.1 | 42.0 ± 2.8 | 25.0 ± 7.1 | 48.5 ± 4.9 | 25.0 ± 7.1 | 2 |" in md
-    assert "| full | all | 80.0 | 60.0 | 40.0 | 70.0 | 40.0 | 1 |" in md
+                      "| held-out avg | val loss | supervised steps (%) | seeds |")
+    assert ("| critical | 0.1 | 55.0 ± 7.1 | 42.0 ± 2.8 | 25.0 ± 7.1 | 48.5 ± 4.9 | 25.0 ± 7.1 "
+            "| 1.000 ± 0.000 | – | 2 |") in md
+    assert "| full | all | 80.0 | 60.0 | 40.0 | 70.0 | 40.0 | 1.000 | – | 1 |" in md
     assert header in capsys.readouterr().out
 
     with (out / "report.csv").open() as f:
@@ -95,7 +99,8 @@ def test_table_csv_and_plots(tmp_path, capsys):
     assert list(table[0]) == ["selector", "ratio", "n_seeds", "metric",
                               "babyai_mean", "babyai_std", "wordle_mean", "wordle_std",
                               "maze_mean", "maze_std", "held_in_mean", "held_in_std",
-                              "held_out_mean", "held_out_std"]
+                              "held_out_mean", "held_out_std", "val_loss_mean", "val_loss_std",
+                              "supervised_steps_mean", "supervised_steps_std"]
     assert len(table) == 5 and float(table[0]["babyai_mean"]) == pytest.approx(55.0)
 
     assert sorted(p.name for p in result["plots"]) == ["ratio_critical.png", "ratio_random.png"]
