@@ -110,7 +110,8 @@ def _wandb_run(cfg: DictConfig, choices: dict[str, str], selector_name: str,
     return {"group": lc.get("group") or (f"{cfg.task_name}-{Path(sweep_dir).name}" if sweep_dir
                                          else None),
             "tags": [*(lc.get("tags") or []), *tags],
-            "name": lc.get("name") or f"{selector_name}-r{ratio}-s{cfg.seed}"}
+            "name": lc.get("name") or (f"{selector_name}-s{cfg.seed}" if selector_name == "full"
+                                       else f"{selector_name}-r{ratio}-s{cfg.seed}")}
 
 
 def _callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Any]:
