@@ -290,10 +290,11 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
     # metric is a column too, so a success CSV and a reward CSV cannot be mixed up.
     fields = (["selector", "ratio", *choice_keys, "n_seeds", "metric"]
               + [f"{n}_{stat}" for n in columns for stat in ("mean", "std")])
+    records = [{**r, "metric": metric} for r in rows]
     with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({**r, "metric": metric} for r in rows)
+        writer.writerows(records)
     plots = plot_ratios(choice_keys, rows, metric, out, f"{metric} vs ratio ({root.name})")
 
     wandb_dir = None
@@ -313,7 +314,7 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
                          config={"multirun_dir": str(root), "metric": metric, "jobs": len(jobs)})
         try:
             run.log({"report/table": wandb.Table(columns=fields, data=[
-                        [{**r, "metric": metric}.get(c) for c in fields] for r in rows]),
+                        [r.get(c) for c in fields] for r in records]),
                      **{f"report/{p.stem}": wandb.Image(str(p)) for p in plots}})
             wandb_dir = str(Path(run.dir).parent.resolve())
         finally:

@@ -14,12 +14,12 @@ selected step, LM head only at supervised positions). Batch size 1, AdamW, one e
 Each (trainer, ratio) runs in its own process, so peak memory is that run's alone: peak RSS on
 a CPU, peak allocated CUDA memory on a GPU (bf16 there, fp32 on a CPU). Before training, each
 computes its loss on the same first trajectory with the same initial weights; the two must
-agree to 1e-4. Prints a table and one JSON line per run.
+agree to 1e-4. Prints a table, each run's memory by phase (after loading the model, the peak
+while training, next to what the weights, gradients and AdamW states take by themselves), and
+one JSON line per run.
 
-``--profile`` explains the figures (use few trajectories: the profiler slows training down):
-each run's memory at its phases (after loading the model, then the peak while training, next to
-what the weights, gradients and AdamW states take by themselves), and torch.profiler's operators
-by self time, side by side for the two trainers.
+``--profile`` adds torch.profiler's operators by self time, side by side for the two trainers
+(use few trajectories: the profiler slows training down).
 """
 
 from __future__ import annotations
