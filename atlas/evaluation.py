@@ -8,24 +8,36 @@ Writes to the output directory:
 
 - ``episodes.jsonl``: every finished episode as a trajectory (atlas format) with its outcome in
   ``meta``, appended as episodes finish, so a crash later loses nothing already played;
-- ``results.json``: success rate and mean reward per environment, and the held-in and held-out
-  averages (mean over environments, as the ATLaS paper reports them).
+- ``steps.jsonl``: step-level evaluation (atlas/step_eval.py), one record per scored expert step
+  of the test trajectories: the model's action against the expert's, the expert turn's NLL;
+- ``steps_base.jsonl``: the same for the base model (``eval.steps.baseline``; cached);
+- ``results.json``: per environment, step accuracy and NLL (bootstrap 95% intervals over tasks),
+  success rate (Wilson 95% interval) and mean reward (bootstrap); the held-in and held-out
+  averages (mean over environments, as the ATLaS paper reports them) with their intervals; and
+  the trained model's paired difference from the base model.
+
+Set ``eval.episodes=0`` for step-level evaluation only, ``eval.steps.tasks=0`` for rollouts only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from atlas import step_eval
 from atlas.data.formats import trajectory_to_record
+from atlas.data.trajectory import Trajectory
 from atlas.envs.base import SPLITS
 from atlas.rollout import EnvPool, Episode, Policy, run_episodes
+from atlas.stats import Ratio, wilson
 from atlas.utils import atomic_write
 
 log = logging.getLogger(__name__)
@@ -52,67 +64,245 @@ def environments(eval_cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
 
 
 def summarize(episodes: list[Episode], groups: dict[str, str]) -> dict[str, Any]:
-    """Per-environment success rate and mean reward (percent), and per-group averages."""
+    """Per-environment success rate (Wilson 95% interval) and mean reward (bootstrap 95% interval
+    over episodes), in percent, and per-group averages over environments with their intervals."""
     per_env: dict[str, dict[str, Any]] = {}
     for name, group in groups.items():
         eps = [e for e in episodes if e.task.env == name]
+        wins = sum(e.success for e in eps)
+        low, high = wilson(wins, len(eps))
         per_env[name] = {
             "group": group, "episodes": len(eps),
-            "success": 100 * statistics.fmean(e.success for e in eps) if eps else float("nan"),
+            "success": 100 * wins / len(eps) if eps else float("nan"),
+            "success_ci": [round(100 * low, 2), round(100 * high, 2)],
             "reward": 100 * statistics.fmean(e.score for e in eps) if eps else float("nan"),
+            "reward_ci": _ci(Ratio.of(episode_units(eps, "score"))) if eps else None,
             "turns": statistics.fmean(e.turns for e in eps) if eps else float("nan"),
             "invalid_actions": sum(e.invalid for e in eps),
             "errors": sum(e.status == "error" for e in eps),
         }
     averages = {}
     for group in GROUPS:
-        rows = [r for r in per_env.values() if r["group"] == group]
+        rows = [r for r in per_env.values() if r["group"] == group and r["episodes"]]
         if rows:
+            eps = [e for e in episodes if groups.get(e.task.env) == group]
             averages[group] = {m: statistics.fmean(r[m] for r in rows) for m in ("success", "reward")}
+            averages[group].update({f"{m}_ci": _ci(Ratio.of(episode_units(eps, m)))
+                                    for m in ("success", "score")})
+            averages[group]["reward_ci"] = averages[group].pop("score_ci")
     return {"environments": per_env, "averages": averages}
 
 
+def episode_units(episodes: list[Episode], metric: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """env -> task -> (value, 1) of ``success`` or ``score``: one bootstrap cluster per episode."""
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for e in episodes:
+        out.setdefault(e.task.env, {})[e.task.id] = (float(getattr(e, metric)), 1.0)
+    return out
+
+
+def _ci(ratio: Ratio) -> list[float]:
+    est = ratio.interval().scaled(100)
+    return [round(est.low, 2), round(est.high, 2)]
+
+
 def format_table(results: dict[str, Any]) -> str:
-    """The results as a plain-text table (percent)."""
-    lines = [f"{'environment':<16}{'group':<10}{'episodes':>9}{'success':>9}{'reward':>9}"
-             f"{'turns':>7}{'errors':>7}"]
+    """The rollout results as a plain-text table (percent, 95% intervals in brackets)."""
+    lines = [f"{'environment':<16}{'group':<10}{'episodes':>9}  {'success':<20}{'reward':<20}"
+             f"{'turns':>6}{'errors':>7}"]
+
+    def cell(value, ci):
+        return f"{value:.1f} [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else f"{value:.1f}"
+
     for name, r in results["environments"].items():
-        lines.append(f"{name:<16}{r['group']:<10}{r['episodes']:>9}{r['success']:>9.1f}"
-                     f"{r['reward']:>9.1f}{r['turns']:>7.1f}{r['errors']:>7}")
+        lines.append(f"{name:<16}{r['group']:<10}{r['episodes']:>9}  "
+                     f"{cell(r['success'], r['success_ci']):<20}{cell(r['reward'], r['reward_ci']):<20}"
+                     f"{r['turns']:>6.1f}{r['errors']:>7}")
     for group, avg in results["averages"].items():
-        lines.append(f"{group + ' avg':<26}{'':>9}{avg['success']:>9.1f}{avg['reward']:>9.1f}")
+        lines.append(f"{group + ' avg':<35}  {cell(avg['success'], avg.get('success_ci')):<20}"
+                     f"{cell(avg['reward'], avg.get('reward_ci')):<20}")
     return "\n".join(lines)
 
 
 def metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
-    """Flat metric names for loggers: eval/held_in/success, eval/babyai/reward, ..."""
-    flat = {f"{prefix}/{g}/{m}": v for g, avg in results["averages"].items() for m, v in avg.items()}
-    for name, r in results["environments"].items():
+    """Flat metric names for loggers: eval/held_in/success, eval/babyai/reward,
+    eval/steps/held_in/accuracy, eval/steps/babyai/nll, eval/steps/held_in/accuracy_vs_base, ..."""
+    flat = {f"{prefix}/{g}/{m}": float(avg[m]) for g, avg in results.get("averages", {}).items()
+            for m in ("success", "reward")}
+    for name, r in results.get("environments", {}).items():
         for m in ("success", "reward", "turns", "errors"):
             flat[f"{prefix}/{name}/{m}"] = float(r[m])
+    steps = results.get("steps") or {}
+    for section in ("environments", "averages"):
+        for name, r in (steps.get(section) or {}).items():
+            for m in ("accuracy", "nll"):
+                flat[f"{prefix}/steps/{name}/{m}"] = r[m]["value"]
+                flat[f"{prefix}/steps/{name}/{m}_low"] = r[m]["low"]
+                flat[f"{prefix}/steps/{name}/{m}_high"] = r[m]["high"]
+    for group, d in ((results.get("baseline") or {}).get("difference") or {}).items():
+        flat[f"{prefix}/steps/{group}/accuracy_vs_base"] = d["value"]
     return flat
 
 
 def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
-             logger: Any = None) -> dict[str, Any]:
-    """Play the test tasks of every environment in ``eval_cfg`` and report.
+             logger: Any = None, base_model: DictConfig | None = None,
+             training: list[Trajectory] | None = None, is_base: bool = False) -> dict[str, Any]:
+    """Score the model step by step on expert test trajectories, then play the test tasks of
+    every environment in ``eval_cfg``; report both with their intervals.
 
     Args:
         model: The agent's causal LM (a trained one, or a base model).
         tokenizer: Its tokenizer (the chat template used in training).
-        eval_cfg: The ``eval`` config group (environments, episodes, batching, generation).
-        out_dir: Where ``episodes.jsonl`` and ``results.json`` go.
-        logger: Optional Lightning logger; gets the metrics (and, for W&B, an episode table).
+        eval_cfg: The ``eval`` config group (environments, step evaluation, episodes, batching,
+            generation).
+        out_dir: Where ``steps.jsonl``, ``episodes.jsonl`` and ``results.json`` go.
+        logger: Optional Lightning logger; gets the metrics (and, for W&B, the ``eval/steps``
+            and ``eval/episodes`` tables).
+        base_model: The ``model`` config the agent was trained from: with
+            ``eval.steps.baseline``, its step records (cached) and the paired difference.
+        is_base: ``model`` is ``base_model`` itself (evaluate.py without a checkpoint): its
+            step records fill the base model's cache.
+        training: The training trajectories, to count test tasks that occur in them.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if eval_cfg.split not in SPLITS:
         raise ValueError(f"eval.split must be one of {SPLITS}, got {eval_cfg.split!r}")
-    for key in ("episodes", "batch_size", "instances"):
+    for key in ("batch_size", "instances"):
         if eval_cfg[key] < 1:
             raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
+    if eval_cfg.episodes < 0:
+        raise ValueError(f"eval.episodes must be >= 0 (0: no rollouts), got {eval_cfg.episodes}")
     envs = environments(eval_cfg)
     groups = {name: group for name, (group, _) in envs.items()}
+    results: dict[str, Any] = {"environments": {}, "averages": {}}
+    step_records = None
+    if eval_cfg.get("steps") and eval_cfg.steps.tasks:
+        step_records = _step_evaluation(model, tokenizer, eval_cfg, envs, out, results,
+                                        base_model, training, is_base)
+    episodes: list[Episode] = []
+    if eval_cfg.episodes:
+        episodes = _rollouts(model, tokenizer, eval_cfg, envs, out)
+        results.update(summarize(episodes, groups))
+        results["episodes_file"] = str((out / "episodes.jsonl").resolve())
+    results.update({"split": eval_cfg.split,
+                    "config": OmegaConf.to_container(eval_cfg, resolve=True)})
+    atomic_write(out / "results.json", json.dumps(results, indent=2))
+    for ep in episodes:
+        if ep.status == "error":
+            log.warning("episode %s failed: %s", ep.task.id, ep.error)
+    if "steps" in results:
+        log.info("step-level evaluation (%d expert test steps, teacher-forced)\n%s",
+                 len(step_records), step_eval.format_table(results["steps"]))
+    if episodes:
+        log.info("rollouts (%s tasks)\n%s", eval_cfg.split, format_table(results))
+    log.info("results in %s", (out / "results.json").resolve())
+    if logger:
+        logger.log_metrics(metrics(results))
+        if type(logger).__name__ == "WandbLogger":
+            if step_records:
+                columns = list(step_records[0])
+                logger.log_table("eval/steps", columns=columns,
+                                 data=[[r[c] for c in columns] for r in step_records])
+            if episodes:
+                rows = [ep.record() for ep in episodes]
+                columns = list(rows[0]) + ["transcript"]
+                data = [list(r.values()) + [_transcript(ep)] for r, ep in zip(rows, episodes)]
+                logger.log_table("eval/episodes", columns=columns, data=data)
+    return results
+
+
+def _write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """Records of a ``steps.jsonl``-like file; a malformed line is an error naming it."""
+    out = []
+    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    return out
+
+
+def _step_evaluation(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
+                     results: dict[str, Any], base_model: DictConfig | None,
+                     training: list[Trajectory] | None, is_base: bool) -> list[dict[str, Any]]:
+    """Step-level evaluation of the model (and, cached, of its base model) into ``results``."""
+    from atlas.model import cache_dir
+
+    cfg = eval_cfg.steps
+    items, files = step_eval.load_suite(envs, cfg)
+    if not items:
+        raise ValueError("eval.steps: no test trajectories (every environment's task count is 0)")
+    groups = {name: group for name, (group, _) in envs.items() if name in files}
+    t0 = time.time()
+    records = step_eval.score(model, tokenizer, items, cfg.batch_size, cfg.max_new_tokens,
+                              segment=cfg.get("segment"))
+    _write_jsonl(out / "steps.jsonl", records)
+    results["steps"] = {**step_eval.summarize(records, groups), "file": str((out / "steps.jsonl").resolve()),
+                        "test_sets": files, "seconds": round(time.time() - t0, 1)}
+    if training is not None:
+        clash = step_eval.overlap([t for t, *_ in items], training)
+        results["steps"]["overlap_with_training"] = len(clash)
+        if clash:
+            log.warning("%d test trajectories share a task or first observation with the training "
+                        "data (first: %s): their steps do not measure generalisation",
+                        len(clash), clash[0])
+    if base_model is not None:
+        model_key = json.dumps(OmegaConf.to_container(base_model, resolve=True), sort_keys=True)
+        key = hashlib.sha256((model_key + step_eval.suite_key(items, cfg, tokenizer)).encode())
+        cached = cache_dir() / "step_eval" / f"base-{key.hexdigest()[:16]}.jsonl"
+    if is_base and base_model is not None:  # this is the base model: later runs reuse it
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        _write_jsonl(cached, records)
+    elif base_model is not None and cfg.get("baseline"):
+        if cached.exists():
+            base = read_jsonl(cached)
+            log.info("base model's step records from the cache: %s", cached)
+        else:
+            from atlas.model import load_model, resolve_device
+
+            log.info("scoring the base model (%s) once; cached in %s", base_model.name, cached)
+            base_lm = load_model(**base_model).to(resolve_device())
+            base = step_eval.score(base_lm, tokenizer, items, cfg.batch_size, cfg.max_new_tokens,
+                                   segment=cfg.get("segment"))
+            del base_lm
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            _write_jsonl(cached, base)
+        _write_jsonl(out / "steps_base.jsonl", base)
+        results["baseline"] = {
+            "model": base_model.name, "file": str((out / "steps_base.jsonl").resolve()),
+            "steps": step_eval.summarize(base, groups),
+            # this model minus the base model, paired on the same steps
+            "difference": {g: step_eval.paired_difference(records, base, g)
+                           for g in dict.fromkeys(groups.values())}}
+    return records
+
+
+def format_comparison(results: dict[str, Any]) -> str:
+    """Base model vs this model: step accuracy (%, 95% intervals) per group, the paired
+    difference, and rollout success where it is not zero."""
+    base, this = results["baseline"]["steps"]["averages"], results["steps"]["averages"]
+    lines = [f"{'step accuracy':<14}{'base model':<22}{'this model':<22}{'difference (paired)'}"]
+    for group, d in results["baseline"]["difference"].items():
+        mark = "resolved" if d["resolved"] else "interval includes 0"
+        lines.append(f"{group:<14}{step_eval._fmt(base[group]['accuracy']):<22}"
+                     f"{step_eval._fmt(this[group]['accuracy']):<22}"
+                     f"{d['value']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]  {mark}")
+    averages = results.get("averages") or {}
+    for group, avg in averages.items():
+        if avg.get("success"):
+            lines.append(f"{group:<14}rollout success of this model {avg['success']:.1f}% "
+                         f"[{avg['success_ci'][0]:.1f}, {avg['success_ci'][1]:.1f}]")
+    return "\n".join(lines)
+
+
+def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path) -> list[Episode]:
+    """Play ``eval.episodes`` test tasks per environment; ``episodes.jsonl`` grows as they end."""
     pool = EnvPool({name: (lambda c=c: instantiate(c)) for name, (_, c) in envs.items()},
                    instances=eval_cfg.instances)
     episodes_file = out / "episodes.jsonl"
@@ -125,28 +315,11 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
                 f.write(json.dumps(trajectory_to_record(ep.trajectory), ensure_ascii=False) + "\n")
                 f.flush()
 
-            episodes = run_episodes(policy, pool, tasks, batch_size=eval_cfg.batch_size,
-                                    max_turns=_plain(eval_cfg.get("max_turns")),
-                                    max_prompt_tokens=eval_cfg.max_prompt_tokens, on_finish=save)
+            return run_episodes(policy, pool, tasks, batch_size=eval_cfg.batch_size,
+                                max_turns=_plain(eval_cfg.get("max_turns")),
+                                max_prompt_tokens=eval_cfg.max_prompt_tokens, on_finish=save)
     finally:
         pool.close()
-    results = summarize(episodes, groups)
-    results.update({"split": eval_cfg.split, "episodes_file": str(episodes_file.resolve()),
-                    "config": OmegaConf.to_container(eval_cfg, resolve=True)})
-    atomic_write(out / "results.json", json.dumps(results, indent=2))
-    for ep in episodes:
-        if ep.status == "error":
-            log.warning("episode %s failed: %s", ep.task.id, ep.error)
-    log.info("evaluation (%s tasks)\n%s", eval_cfg.split, format_table(results))
-    log.info("results in %s", (out / "results.json").resolve())
-    if logger:
-        logger.log_metrics(metrics(results))
-        if type(logger).__name__ == "WandbLogger":
-            rows = [ep.record() for ep in episodes]
-            columns = list(rows[0]) + ["transcript"]
-            data = [list(r.values()) + [_transcript(ep)] for r, ep in zip(rows, episodes)]
-            logger.log_table("eval/episodes", columns=columns, data=data)
-    return results
 
 
 def _plain(value):
@@ -197,7 +370,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         if logger:
             logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
-        results = evaluate(model, tokenizer, cfg.eval, cfg.paths.output_dir, logger)
+        # a checkpoint is compared with its base (model=); the base model fills that cache
+        results = evaluate(model, tokenizer, cfg.eval, cfg.paths.output_dir, logger, cfg.model,
+                           is_base=not cfg.get("checkpoint"))
+        if "baseline" in results:
+            log.info("base model vs this model\n%s", format_comparison(results))
         return results
     finally:
         wandb.finish()

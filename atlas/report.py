@@ -8,10 +8,19 @@ Reads every job directory under ``<dir>`` (recursively) that holds a ``train_sum
 its ``eval/results.json``, and writes to ``--out`` (default ``<dir>/report/``):
 
 - ``report.md``: one row per (selector, ratio) cell, one column per environment (held-in first)
-  and per group average, each the mean over the cell's seeds ± their sample standard deviation;
-- ``report.csv``: the same cells as numbers (``<column>_mean``, ``<column>_std``);
-- ``ratio_<selector>.png``: held-in and held-out average against the ratio, with the ``full``
-  selector (every step supervised) as dashed reference lines.
+  and per group average, each the mean over the cell's seeds ± their sample standard deviation,
+  with its 95% interval: a bootstrap over the test tasks (from the jobs' ``steps.jsonl`` or
+  ``episodes.jsonl``), and the t interval over seeds where there are >= 3; then the **paired
+  differences** of each selector at each ratio against ``full``, ``random`` and ``noncritical``
+  at the same ratio, and against the base model (step accuracy), with paired-bootstrap 95%
+  intervals, and in words which are resolved (the interval excludes 0) and which are not;
+- ``report.csv``: the same cells as numbers (``<column>_mean``, ``_std``, ``_low``, ``_high``);
+  ``differences.csv``: the paired differences;
+- ``ratio_<selector>.png``: held-in and held-out average against the ratio, with 95% error bars
+  and the ``full`` selector (every step supervised) as dashed reference lines.
+
+The metric (``--metric``) is step accuracy where every job has step-level results (the dense
+measure a small run can resolve), else rollout success; ``success`` and ``reward`` can be asked.
 
 Jobs that differ in a config-group choice other than the selector (``model=``, ``oracle=``, ...)
 are never averaged together: each choice that varies across jobs becomes a column of its own.
@@ -33,11 +42,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from atlas.evaluation import GROUPS
+from atlas import step_eval
+from atlas.evaluation import GROUPS, read_jsonl
+from atlas.stats import Ratio, Units, seed_spread
 
 log = logging.getLogger(__name__)
 
-METRICS = ("success", "reward")
+METRICS = ("step_accuracy", "success", "reward")
+# which file of a job holds the per-task numbers of a metric (for intervals and paired tests)
+UNIT_METRICS = {"step_accuracy": "steps", "success": "episodes", "reward": "episodes"}
+# the comparisons the paper makes, for each selector at each ratio
+BASELINES = ("full", "random", "noncritical")
 SHORT = {"held_in": "in", "held_out": "out"}
 # column -> (summary section, key, scale): validation loss on every step of the held-out
 # trajectories after training, and the share of training steps supervised (%)
@@ -77,6 +92,9 @@ def find_jobs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
             continue
         dirnames.clear()  # a job's model/, wandb/, eval/ hold no further jobs
         summary = _read_json(job_dir / "train_summary.json")
+        if "duplicate_of" in summary:  # the sweep ran this job once, elsewhere
+            log.info("%s: the same job as %s", job_dir.relative_to(root), summary["duplicate_of"])
+            continue
         absent = [k for k in ("selector", "ratio", "seed") if k not in summary]
         if absent:
             raise ValueError(f"{job_dir / 'train_summary.json'}: no {', '.join(absent)} "
@@ -89,7 +107,8 @@ def find_jobs(root: Path) -> tuple[list[dict[str, Any]], list[str]]:
         if found is None:
             missing.append(f"{job_dir.relative_to(root)} (no eval results)")
             continue
-        jobs.append({"dir": job_dir, "summary": summary, "results": _read_json(found)})
+        jobs.append({"dir": job_dir, "summary": summary, "results": _read_json(found),
+                     "eval_dir": found.parent})
     return jobs, missing
 
 
@@ -149,8 +168,151 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
             per_seed = [statistics.fmean(vs) for vs in values if vs]
             row[f"{name}_mean"] = statistics.fmean(per_seed) if per_seed else None
             row[f"{name}_std"] = statistics.stdev(per_seed) if len(per_seed) >= 2 else None
+            spread = seed_spread(per_seed)
+            if spread and "low" in spread:  # >= 3 seeds: the t interval of the mean over seeds
+                row[f"{name}_seeds_low"], row[f"{name}_seeds_high"] = spread["low"], spread["high"]
+        # the cell's per-task numbers (mean over its seeds): task-bootstrap intervals, pairing
+        seeds = [ms[0] for ms in by_seed.values()]
+        row["units"] = _pool([u for m in seeds if (u := job_units(m, metric)) is not None])
+        row["base_units"] = (_pool([u for m in seeds if (u := job_units(m, metric, base=True))])
+                             if metric == "step_accuracy" else None)
+        for name, group in columns.items():
+            strata = _strata(row["units"], columns, name, group)
+            if strata and row[f"{name}_mean"] is not None:
+                est = Ratio(strata).interval().scaled(100)
+                row[f"{name}_low"], row[f"{name}_high"] = est.low, est.high
         rows.append(row)
     return choice_keys, columns, rows
+
+
+def job_units(job: dict[str, Any], metric: str, base: bool = False) -> Units | None:
+    """A job's per-task numbers of ``metric``: env -> task -> (sum, count), from its
+    ``steps.jsonl`` (``steps_base.jsonl``: the base model's) or ``episodes.jsonl``; None when
+    the job has no such file."""
+    cache = job.setdefault("units", {})
+    key = (metric, base)
+    if key not in cache:
+        kind = UNIT_METRICS[metric]
+        name = f"{kind}_base.jsonl" if base else f"{kind}.jsonl"
+        path = job["eval_dir"] / name
+        if not path.is_file():
+            cache[key] = None
+        elif kind == "steps":
+            cache[key] = step_eval.units(read_jsonl(path), "correct")
+        else:
+            units: dict[str, dict[str, tuple[float, float]]] = {}
+            for r in read_jsonl(path):
+                meta = r.get("meta") or {}
+                value = float(meta.get("success") if metric == "success" else meta.get("score", 0.0))
+                units.setdefault(r["env"], {})[meta.get("id", r["id"])] = (value, 1.0)
+            cache[key] = units
+    return cache[key]
+
+
+def _pool(units: list[Units]) -> Units | None:
+    """Per task, the mean numerator over seeds (the tasks every seed has; same denominators)."""
+    if not units:
+        return None
+    out: dict[str, dict[str, tuple[float, float]]] = {}
+    for env in set.intersection(*(set(u) for u in units)):
+        tasks = set.intersection(*(set(u[env]) for u in units))
+        out[env] = {t: (statistics.fmean(u[env][t][0] for u in units), units[0][env][t][1])
+                    for t in tasks}
+    return out
+
+
+def _strata(units: Units | None, columns: dict[str, str], name: str, group: str) -> list | None:
+    """The bootstrap strata behind one column: its environment, or its group's environments."""
+    if not units or group == "training":
+        return None
+    envs = ([e for e, g in columns.items() if g == name] if group == "avg" else [name])
+    picked = {e: units[e] for e in envs if e in units}
+    return Ratio.of(picked).strata if picked else None
+
+
+def differences(choice_keys: list[str], columns: dict[str, str], rows: list[dict],
+                metric: str) -> list[dict[str, Any]]:
+    """Paired differences with 95% paired-bootstrap intervals over the test tasks: each
+    selector at each ratio against ``full``, ``random`` and ``noncritical`` at the same ratio,
+    and (step accuracy) every cell against the base model. One entry per (comparison, group)."""
+    def label(r):
+        return "full" if r["selector"] == "full" else f"{r['selector']} {r['ratio']:g}"
+
+    def variant(r):
+        return tuple(r[k] for k in choice_keys)
+
+    out = []
+    for row in rows:
+        if not row["units"]:
+            continue
+        against = []
+        for other in rows:
+            if other is row or not other["units"] or variant(other) != variant(row):
+                continue
+            if other["selector"] == "full" and row["selector"] != "full":
+                against.append((label(other), other["units"]))
+            elif (other["selector"] in BASELINES[1:] and other["selector"] != row["selector"]
+                  and other["ratio"] == row["ratio"] and row["selector"] != "full"):
+                against.append((label(other), other["units"]))
+        if row["base_units"]:
+            against.append(("base model", row["base_units"]))
+        for name, units in against:
+            for group in GROUPS:
+                envs = [e for e, g in columns.items() if g == group]
+                a = {e: row["units"][e] for e in envs if e in row["units"]}
+                b = {e: units[e] for e in envs if e in units}
+                if not a or not b:
+                    continue
+                try:
+                    est = Ratio.paired(a, b).interval().scaled(100)
+                except ValueError as e:
+                    log.warning("%s vs %s (%s): not compared: %s", label(row), name, group, e)
+                    continue
+                out.append({"a": label(row), "b": name, **dict(zip(choice_keys, variant(row))),
+                            "group": group, "metric": metric, "value": est.value, "low": est.low,
+                            "high": est.high, "resolved": est.excludes_zero()})
+    return out
+
+
+def format_differences(choice_keys: list[str], diffs: list[dict], metric: str) -> str:
+    """The paired differences as a table, then in words: which are resolved, which are not."""
+    if not diffs:
+        return ""
+    unit = "percentage points"
+    lines = [f"## Paired differences: {metric.replace('_', ' ')} ({unit}), A − B",
+             "",
+             "Every job saw the same test tasks, so each comparison resamples the same tasks for "
+             "both cells (95% paired-bootstrap interval over tasks, stratified by environment; "
+             "cells with several seeds use the per-task mean over their seeds). **bold**: the "
+             "interval excludes 0.", ""]
+    extra = [k for k in choice_keys]
+    header = ["A", "B", *extra, *(LABELS[g] for g in GROUPS)]
+    lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    pairs: dict[tuple, dict[str, dict]] = {}
+    for d in diffs:
+        pairs.setdefault((d["a"], d["b"], *(d[k] for k in extra)), {})[d["group"]] = d
+    for key, by_group in pairs.items():
+        cells = []
+        for g in GROUPS:
+            d = by_group.get(g)
+            text = "–" if d is None else f"{d['value']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}]"
+            cells.append(f"**{text}**" if d and d["resolved"] else text)
+        lines.append("| " + " | ".join([*map(str, key), *cells]) + " |")
+    resolved = [d for d in diffs if d["resolved"]]
+    unresolved = [d for d in diffs if not d["resolved"]]
+    lines.append("")
+    if resolved:
+        lines.append("**Resolved** (the interval excludes 0): " + "; ".join(
+            f"{d['a']} {'>' if d['value'] > 0 else '<'} {d['b']} on {LABELS[d['group']]} "
+            f"({d['value']:+.1f} [{d['low']:+.1f}, {d['high']:+.1f}])" for d in resolved) + ".")
+    else:
+        lines.append("**Resolved**: none; no interval excludes 0.")
+    if unresolved:
+        lines.append("")
+        lines.append("**Not resolved** (the interval includes 0; these cells are not ranked): "
+                     + "; ".join(f"{d['a']} vs {d['b']} on {LABELS[d['group']]}"
+                                 for d in unresolved) + ".")
+    return "\n".join(lines) + "\n"
 
 
 def _value(job: dict[str, Any], name: str, group: str, metric: str) -> float | None:
@@ -158,8 +320,10 @@ def _value(job: dict[str, Any], name: str, group: str, metric: str) -> float | N
         section, key, scale = TRAINING[name]
         value = (job["summary"].get(section) or {}).get(key)
         return None if value is None else scale * float(value)
-    entry = job["results"].get("averages" if group == "avg" else "environments", {}).get(name)
-    value = entry.get(metric) if entry else None
+    results = job["results"].get("steps") or {} if metric == "step_accuracy" else job["results"]
+    entry = results.get("averages" if group == "avg" else "environments", {}).get(name)
+    value = entry.get("accuracy" if metric == "step_accuracy" else metric) if entry else None
+    value = value["value"] if isinstance(value, dict) else value
     return None if value is None or math.isnan(float(value)) else float(value)
 
 
@@ -181,7 +345,9 @@ def _other_overrides(job: dict[str, Any]) -> str:
 
 
 def format_markdown(choice_keys: list[str], columns: dict[str, str], rows: list[dict]) -> str:
-    """The cells as a Markdown table: "61.2 ± 3.4" (mean ± sample std), a bare mean for one seed."""
+    """The cells as a Markdown table: "61.2 ± 3.4" (mean ± sample std over seeds; a bare mean
+    for one seed), then "[55.0, 67.1]", the 95% task-bootstrap interval where the jobs left
+    per-task results, and "(seeds: a, b)", the t interval over >= 3 seeds."""
     header = (["selector", "ratio", *choice_keys]
               + [LABELS[n] if g in ("avg", "training") else f"{n} ({SHORT[g]})"
                  for n, g in columns.items()]
@@ -192,8 +358,14 @@ def format_markdown(choice_keys: list[str], columns: dict[str, str], rows: list[
         for name in columns:
             mean, std = row[f"{name}_mean"], row[f"{name}_std"]
             digits = 3 if name == "val_loss" else 1
-            values.append("–" if mean is None else f"{mean:.{digits}f}" if std is None
-                          else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            text = ("–" if mean is None else f"{mean:.{digits}f}" if std is None
+                    else f"{mean:.{digits}f} ± {std:.{digits}f}")
+            if row.get(f"{name}_low") is not None:  # task bootstrap, 95%
+                text += f" [{row[f'{name}_low']:.{digits}f}, {row[f'{name}_high']:.{digits}f}]"
+            if row.get(f"{name}_seeds_low") is not None:  # t interval over >= 3 seeds
+                text += (f" (seeds: {row[f'{name}_seeds_low']:.{digits}f}, "
+                         f"{row[f'{name}_seeds_high']:.{digits}f})")
+            values.append(text)
         ratio = "all" if row["selector"] == "full" else f"{row['ratio']:g}"
         cells = [row["selector"], ratio, *(row[k] for k in choice_keys), *values, str(row["n_seeds"])]
         lines.append("| " + " | ".join(cells) + " |")
@@ -225,12 +397,12 @@ def plot_ratios(choice_keys: list[str], rows: list[dict], metric: str, out: Path
             for j, group in enumerate(GROUPS):
                 color = f"C{(2 * i + j) % 10}"
                 label = LABELS[group] + (f" ({suffix})" if suffix else "")
-                points = [(r["ratio"], r[f"{group}_mean"], r[f"{group}_std"] or 0.0)
+                points = [(r["ratio"], r[f"{group}_mean"], *_error(r, group))
                           for r in cells if r[f"{group}_mean"] is not None]
                 if points:
-                    x, y, err = zip(*points)
-                    ax.errorbar(x, y, yerr=err if any(err) else None, color=color, marker="o",
-                                capsize=3, label=label)
+                    x, y, below, above = zip(*points)
+                    err = [below, above] if any(below) or any(above) else None
+                    ax.errorbar(x, y, yerr=err, color=color, marker="o", capsize=3, label=label)
                 ref = full.get(variant, {}).get(f"{group}_mean")
                 if ref is not None:
                     ax.axhline(ref, color=color, linestyle="--", linewidth=1,
@@ -249,14 +421,26 @@ def plot_ratios(choice_keys: list[str], rows: list[dict], metric: str, out: Path
     return paths
 
 
-def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str = "success",
+def _error(row: dict, name: str) -> tuple[float, float]:
+    """Error bar below and above the mean: the 95% interval (over >= 3 seeds, else over tasks),
+    else the std over seeds, else none."""
+    mean = row[f"{name}_mean"]
+    for kind in ("_seeds", ""):
+        if row.get(f"{name}{kind}_low") is not None:
+            return (max(0.0, mean - row[f"{name}{kind}_low"]), max(0.0, row[f"{name}{kind}_high"] - mean))
+    std = row.get(f"{name}_std") or 0.0
+    return (std, std)
+
+
+def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str | None = None,
            use_wandb: bool = True) -> dict[str, Any]:
     """Write ``report.md``, ``report.csv`` and the ratio plots of a multirun; print the table.
 
     Args:
         multirun_dir: The sweep directory (``logs/train/multiruns/<time>``).
         out: Where the report goes; default ``<multirun_dir>/report``.
-        metric: ``success`` or ``reward``.
+        metric: ``step_accuracy``, ``success`` or ``reward``; None: step accuracy where every
+            job has step-level results, else success.
         use_wandb: Also log to W&B when the jobs did (and WANDB_MODE is not ``disabled``).
 
     Returns:
@@ -267,7 +451,7 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
         ValueError: Unknown metric, malformed JSON, or no job with eval results.
     """
     root = Path(multirun_dir).resolve()
-    if metric not in METRICS:
+    if metric is not None and metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if not root.is_dir():
         raise ValueError(f"{multirun_dir}: not a directory")
@@ -277,12 +461,21 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
     if not jobs:
         raise ValueError(f"no finished job with eval results under {root} "
                          f"(a job needs train_summary.json and eval/results.json)")
+    if metric is None:
+        metric = ("step_accuracy" if all(j["results"].get("steps") for j in jobs) else "success")
     choice_keys, columns, rows = aggregate(jobs, metric)
+    diffs = differences(choice_keys, columns, rows, metric)
     out = Path(out) if out else root / "report"
     out.mkdir(parents=True, exist_ok=True)
 
     table = format_markdown(choice_keys, columns, rows)
     text = f"# {root}: {metric} (%), {len(jobs)} jobs\n\n{table}\n"
+    if diffs:
+        text += "\n" + format_differences(choice_keys, diffs, metric)
+        with (out / "differences.csv").open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, list(diffs[0]))
+            writer.writeheader()
+            writer.writerows(diffs)
     if missing:
         text += "\nMissing jobs (left out): " + "; ".join(f"`{m}`" for m in missing) + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
@@ -290,6 +483,8 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
     # metric is a column too, so a success CSV and a reward CSV cannot be mixed up.
     fields = (["selector", "ratio", *choice_keys, "n_seeds", "metric"]
               + [f"{n}_{stat}" for n in columns for stat in ("mean", "std")])
+    fields += [f"{n}_{stat}" for n in columns for stat in ("low", "high", "seeds_low", "seeds_high")
+               if any(r.get(f"{n}_{stat}") is not None for r in rows)]
     records = [{**r, "metric": metric} for r in rows]
     with (out / "report.csv").open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fields, extrasaction="ignore")
@@ -313,8 +508,12 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
                          group=logged.get("group") or f"train-{root.name}", dir=str(out),
                          config={"multirun_dir": str(root), "metric": metric, "jobs": len(jobs)})
         try:
-            run.log({"report/table": wandb.Table(columns=fields, data=[
-                        [r.get(c) for c in fields] for r in records]),
+            tables = {"report/table": wandb.Table(columns=fields, data=[
+                [r.get(c) for c in fields] for r in records])}
+            if diffs:
+                tables["report/differences"] = wandb.Table(
+                    columns=list(diffs[0]), data=[list(d.values()) for d in diffs])
+            run.log({**tables,
                      **{f"report/{p.stem}": wandb.Image(str(p)) for p in plots}})
             wandb_dir = str(Path(run.dir).parent.resolve())
         finally:
@@ -322,7 +521,8 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
         log.info("W&B report run (%s) in %s", os.environ["WANDB_MODE"], wandb_dir)
     log.info("report in %s", out.resolve())
     return {"markdown": out / "report.md", "csv": out / "report.csv", "plots": plots,
-            "rows": rows, "missing": missing, "wandb_dir": wandb_dir}
+            "rows": rows, "differences": diffs, "missing": missing, "wandb_dir": wandb_dir,
+            "metric": metric}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,7 +530,8 @@ def main(argv: list[str] | None = None) -> None:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("multirun_dir", help="a Hydra sweep directory (logs/train/multiruns/<time>)")
     parser.add_argument("--out", help="output directory (default: <multirun_dir>/report)")
-    parser.add_argument("--metric", choices=METRICS, default="success")
+    parser.add_argument("--metric", choices=METRICS, default=None,
+                        help="default: step_accuracy where every job has it, else success")
     parser.add_argument("--no-wandb", action="store_true", help="do not log the report to W&B")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(levelname)s] %(message)s")

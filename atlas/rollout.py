@@ -87,11 +87,13 @@ class ActionLineStop:
     the batch; what it says after the action line is never read.
     """
 
-    def __init__(self, tokenizer, start: int):
-        self.tokenizer, self.start = tokenizer, start
+    def __init__(self, tokenizer, start: int, prefixes: list[str] | None = None):
+        self.tokenizer, self.start, self.prefixes = tokenizer, start, prefixes
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
+        if self.prefixes:  # what each row wrote in earlier segments of the same response
+            texts = [p + t for p, t in zip(self.prefixes, texts)]
         # only complete lines count: "Action: move[ea" may still be growing
         done = [parse_action(t[:t.rfind("\n") + 1]) is not None for t in texts]
         return torch.tensor(done, device=input_ids.device)
@@ -114,12 +116,20 @@ class Policy:
         temperature: 0 for greedy decoding.
         top_p: Nucleus sampling mass when sampling.
         reuse_cache: Keep each episode's key/value cache across turns.
+        segment: Decode in segments of this many tokens (None: in one go). A batch runs until
+            its last row stops, and every row costs a forward at each token, finished or not:
+            between segments the rows that have stopped leave the batch, and the others go on
+            from their cached keys and values, so a few long responses no longer hold up the
+            rest. The tokens are the same as in one go (greedy decoding).
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 96, temperature: float = 0.0,
-                 top_p: float = 1.0, reuse_cache: bool = True):
+                 top_p: float = 1.0, reuse_cache: bool = True, segment: int | None = None):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
+        if segment is not None and segment < 1:
+            raise ValueError(f"segment must be >= 1 or null, got {segment}")
+        self.segment = segment
         # Sliding-window layers (Gemma, Mistral v0.1) keep a rolling window, not absolute
         # positions, so a cached prefix cannot be re-inserted into them.
         text_config = model.config.get_text_config(decoder=True)
@@ -153,15 +163,49 @@ class Policy:
             n += 1
         return n
 
-    @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], keys: list[str] | None = None) -> list[str]:
+    def generate(self, prompts: list[list[int]], keys: list[str] | None = None,
+                 remember: bool = True) -> list[str]:
         """Responses to tokenized prompts, generated as one batch.
 
         Args:
             prompts: Token ids of each prompt (``prompt_ids``).
             keys: Episode ids; a key's cache from its previous call is reused.
+            remember: Keep each key's cache for its next call (False: the caller's cache
+                entries are dropped or left as they were).
         """
-        keys = keys or [None] * len(prompts)
+        n = len(prompts)
+        keys = list(keys or [None] * n)
+        segment = self.segment if self.reuse_cache else None
+        if not segment or segment >= self.max_new_tokens:
+            new, _ = self._generate(prompts, keys, remember, self.max_new_tokens)
+            return [self._text(g) for g in new]
+        temporary = [f"\0row{i}" for i, k in enumerate(keys) if k is None]
+        keys = [k if k is not None else f"\0row{i}" for i, k in enumerate(keys)]
+        generated: list[list[int]] = [[] for _ in prompts]
+        active, budget = list(range(n)), self.max_new_tokens
+        while active and budget > 0:
+            size = min(segment, budget)
+            new, finished = self._generate(
+                [prompts[i] + generated[i] for i in active], [keys[i] for i in active],
+                True, size, [self.tokenizer.decode(generated[i], skip_special_tokens=True)
+                             for i in active])
+            for i, g in zip(active, new):
+                generated[i] += g
+            active = [i for i, done in zip(active, finished) if not done]
+            budget -= size
+        for key in temporary if remember else keys:
+            self.forget(key)
+        return [self._text(g) for g in generated]
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.inference_mode()
+    def _generate(self, prompts: list[list[int]], keys: list[str | None], remember: bool,
+                  max_new_tokens: int, prefixes: list[str] | None = None
+                  ) -> tuple[list[list[int]], list[bool]]:
+        """One batched ``generate`` call: each row's new tokens (through its stop token) and
+        whether it has stopped (a stop token, or a complete action line with ``prefixes``)."""
         device = next(self.model.parameters()).device
         reused = [self._cached_prefix(k, p) for k, p in zip(keys, prompts)]
         L = max(reused)
@@ -174,7 +218,7 @@ class Policy:
         self.reused_tokens += sum(reused)
         self.computed_tokens += sum(len(p) - r for p, r in zip(prompts, reused))
         # A static cache: a dynamic one re-copies every row's whole cache at each new token.
-        cache = StaticCache(config=self.model.config, max_cache_len=L + N + self.max_new_tokens)
+        cache = StaticCache(config=self.model.config, max_cache_len=L + N + max_new_tokens)
         if L:
             for layer, (k, v) in zip(cache.layers, self._batch_cache(keys, reused, L, device)):
                 layer.update(k, v)
@@ -182,21 +226,24 @@ class Policy:
         attention_mask = torch.tensor(mask, device=device)
         sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
                     if self.temperature > 0 else {"do_sample": False})
+        stop = ActionLineStop(self.tokenizer, L + N, prefixes)
         out = self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=self.max_new_tokens,
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
             use_cache=True, past_key_values=cache,
             disable_compile=True,  # batch and cache sizes change every turn: no recompiles
-            stopping_criteria=StoppingCriteriaList([ActionLineStop(self.tokenizer, L + N)]), **sampling)
+            stopping_criteria=StoppingCriteriaList([stop]), **sampling)
         new = out.sequences[:, L + N:].tolist()
-        gen = []
+        gen, finished = [], []
         ends = set(self.stop) | {self.pad}  # rows stopped early are filled with the pad token
-        for row in new:
-            cut = next((i + 1 for i, t in enumerate(row) if t in ends), len(row))
-            gen.append(row[:cut])
-        if self.reuse_cache:
+        actions = stop(out.sequences, None).tolist()
+        for row, action in zip(new, actions):
+            cut = next((i + 1 for i, t in enumerate(row) if t in ends), None)
+            gen.append(row[:cut] if cut else row)
+            finished.append(bool(cut) or action)
+        if self.reuse_cache and remember:
             self._keep(keys, prompts, reused, gen, L, N, out.past_key_values)
-        return [self.tokenizer.decode(g, skip_special_tokens=True).strip() for g in gen]
+        return gen, finished
 
     def _batch_cache(self, keys, reused, L, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per layer, the cached keys and values of every row, left-padded to length ``L``."""

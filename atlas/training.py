@@ -15,6 +15,7 @@ Every arrow leaves a file in the run's output directory:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -121,6 +122,32 @@ def _callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Any]:
     return callbacks
 
 
+def duplicate_of(cfg: DictConfig, sweep_dir: str | None, out: Path) -> str | None:
+    """In a sweep, the output directory of an earlier job that is this same job, or None.
+
+    Jobs are the same when their resolved configs agree but for the output paths and the
+    settings the selector ignores (``full`` ignores ``ratio``): a ``ratio=0.3,0.5`` sweep then
+    trains ``full`` once. Each job claims its config's key under ``<sweep>/.jobs/`` atomically,
+    so this holds for parallel launchers too.
+    """
+    if sweep_dir is None or rank_zero_only.rank != 0:
+        return None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config.pop("paths", None)
+    if "ratio" not in json.dumps(config.get("selector")):  # the selector never reads the ratio
+        config.pop("ratio", None)
+    key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    claim = Path(sweep_dir) / ".jobs" / key
+    claim.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(claim, "x", encoding="utf-8") as f:
+            f.write(str(out.resolve()))
+        return None
+    except FileExistsError:
+        first = claim.read_text(encoding="utf-8").strip()
+        return None if first == str(out.resolve()) else first  # a resumed job is itself
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``conf/train.yaml``; returns its summary."""
     t0 = time.time()
@@ -129,6 +156,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     wandb_mode = wandb_offline_by_default()
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    same = duplicate_of(cfg, _hydra_job()[1], out)
+    if same is not None:
+        log.info("this job is the same as %s (selector %s ignores ratio=%s): not run again",
+                 same, cfg.selector.get("_target_", "").rsplit(".", 1)[-1], cfg.ratio)
+        summary = {"duplicate_of": same, "ratio": cfg.ratio, "seed": cfg.seed}
+        atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
+        return summary
     L.seed_everything(cfg.seed, workers=True)
     choices = _choices()
 
@@ -227,9 +261,16 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
                 agent, _ = load_agent(str(model_dir), cfg.model)
                 agent.to(module.device)
-            results = evaluate(agent, tokenizer, cfg.eval, out / "eval", logger or None)
+            # the base model (cfg.model without the training) is scored step by step beside it
+            results = evaluate(agent, tokenizer, cfg.eval, out / "eval", logger or None,
+                               base_model=cfg.model, training=trajectories)
             summary["eval"] = {"averages": results["averages"],
                                "results_file": str((out / "eval" / "results.json").resolve())}
+            if "steps" in results:
+                summary["eval"]["steps"] = {g: {m: a[m] for m in ("accuracy", "nll")}
+                                            for g, a in results["steps"]["averages"].items()}
+            if "baseline" in results:
+                summary["eval"]["vs_base"] = results["baseline"]["difference"]
             summary["wall_time_s"] = round(time.time() - t0, 1)
         if logger and type(logger).__name__ == "WandbLogger":
             run = logger.experiment
@@ -240,6 +281,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                     avg = summary["eval"]["averages"].get(group)
                     if avg:
                         run.summary.update({name: avg["success"], f"{name}_reward": avg["reward"]})
+                    steps = (summary["eval"].get("steps") or {}).get(group)
+                    if steps:
+                        acc = steps["accuracy"]
+                        run.summary.update({f"{name}_step_acc": acc["value"],
+                                            f"{name}_step_acc_low": acc["low"],
+                                            f"{name}_step_acc_high": acc["high"]})
             summary["wandb"] = {"mode": wandb_mode, "dir": str(Path(run.dir).parent.resolve()),
                                 "project": run.project, "group": run.group,
                                 "run_id": run.id}
@@ -254,6 +301,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                      if wandb_mode == "offline" else "")
         log.info("summary in %s (%.0f s)", (out / "train_summary.json").resolve(),
                  summary["wall_time_s"])
+        if cfg.get("eval_after_training") and "baseline" in results:
+            from atlas.evaluation import format_comparison
+
+            log.info("base model vs trained model\n%s", format_comparison(results))
     finally:
         _end_distributed(launch_env)
         # Without this, the next job of a multirun logs into this job's W&B run.

@@ -58,8 +58,9 @@ def test_cache_reuse_gives_the_same_responses_as_recomputing(chatty_model, token
     common = Counter(t for x in text for t in tokenizer(x)["input_ids"]).most_common(2)
     extra_stops = {t for t, _ in common}  # so that rows stop early, at different steps
     transcripts, lengths = {}, set()
-    for reuse in (False, True):
-        policy = Policy(model, tokenizer, max_new_tokens=10, reuse_cache=reuse)
+    # (reuse the cache, decode in segments of 3 tokens that finished rows leave)
+    for reuse, segment in ((False, None), (True, None), (True, 3)):
+        policy = Policy(model, tokenizer, max_new_tokens=10, reuse_cache=reuse, segment=segment)
         policy.stop = sorted(set(policy.stop) | extra_stops)
         chats, out = [list(c) for c in chats0], []
         for turn in range(4):
@@ -76,11 +77,12 @@ def test_cache_reuse_gives_the_same_responses_as_recomputing(chatty_model, token
                 for layer, (k, v) in zip(fresh.layers, layers):
                     torch.testing.assert_close(k, layer.keys[0], atol=1e-4, rtol=1e-4)
                     torch.testing.assert_close(v, layer.values[0], atol=1e-4, rtol=1e-4)
-        transcripts[reuse] = out
+        transcripts[reuse, segment] = out
         if reuse:
             assert policy.reused_tokens > policy.computed_tokens  # most of each prompt was cached
+            assert set(policy.cache) == {f"ep{i}" for i in range(5)}  # no segment keys left
     assert len(lengths) > 2  # rows really did end at different lengths
-    assert transcripts[True] == transcripts[False]
+    assert transcripts[True, None] == transcripts[False, None] == transcripts[True, 3]
 
 
 class ScriptedPolicy:
@@ -198,7 +200,7 @@ def test_evaluate_rejects_a_directory_that_is_not_a_model(tmp_path):
     assert "no config.json or adapter_config.json" in proc.stderr
 
 
-@pytest.mark.parametrize("override,message", [("eval.episodes=0", "eval.episodes"),
+@pytest.mark.parametrize("override,message", [("eval.episodes=-1", "eval.episodes"),
                                               ("eval.batch_size=0", "batch_size"),
                                               ("eval.split=validation", "eval.split"),
                                               ("+eval.held_out.extra={name: x}", "no _target_")])

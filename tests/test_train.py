@@ -170,7 +170,8 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path,
         ratio = f"{summary['ratio']:g}"
         for text in (f"train-{sweep.name}", f"selector:{summary['selector']}", f"ratio:{ratio}",
                      "model:tiny_llama", "oracle:heuristic", f"{summary['selector']}-r{ratio}-s0",
-                     "heldin_avg", "heldout_avg", "select/cost_usd"):
+                     "heldin_avg", "heldout_avg", "select/cost_usd", "heldin_avg_step_acc",
+                     "eval/steps/held_in/accuracy_low", "eval/steps/maze/nll"):
             assert text.encode() in record, text
         if summary["selector"] == "critical":  # how many steps each criterion chose
             assert summary["criteria"] and b"selection/criteria/" in record
@@ -302,6 +303,7 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
 
 
 @pytest.mark.parametrize("name,model,jobs", [("cpu_small", "embedded:smollm2-135m-instruct", 8),
+                                             ("cpu_steps", "embedded:smollm2-135m-instruct", 8),
                                              ("paper", "meta-llama/Llama-3.1-8B-Instruct", 15)])
 def test_experiment_configs_compose(name, model, jobs):
     from hydra import compose, initialize_config_dir
@@ -310,12 +312,14 @@ def test_experiment_configs_compose(name, model, jobs):
         cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
     assert cfg.model.name == model and str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     params = cfg.hydra.sweeper.params
-    assert len(params.selector.split(",")) * len(str(params.ratio).split(",")) == jobs
+    assert len(params.selector.split(",")) * len(str(params.ratio).split(",")) * len(
+        str(params.get("seed", 0)).split(",")) == jobs
     assert f"multiruns/{name}_" in cfg.hydra.sweep.dir
     if name == "paper":  # the paper's oracle and the multi-GPU strategy
         assert cfg.oracle.model == "gpt-4o" and cfg.trainer.strategy == "fsdp"
     else:  # the experiment's values win over train.yaml's
-        assert cfg.module.lr == 2e-4 and cfg.data.limit == 64 and cfg.eval.episodes == 2
+        assert cfg.module.lr == 2e-4 and cfg.data.limit == 64
+        assert cfg.eval.episodes == (2 if name == "cpu_small" else 4)
 
 
 def test_experiment_cpu_small_starts_its_sweep(tmp_path):
@@ -328,6 +332,27 @@ def test_experiment_cpu_small_starts_its_sweep(tmp_path):
     summaries = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/train_summary.json"))]
     assert [(s["selector"], s["ratio"]) for s in summaries] == [("critical", 0.3), ("full", 0.3)]
     assert all("held_out" in s["eval"]["averages"] for s in summaries)
+
+
+def test_a_sweep_trains_full_once_whatever_the_ratios(tmp_path):
+    """`full` ignores the ratio: in a ratio sweep its second job is the first one again, and is
+    not run; the report counts full once."""
+    sweep = tmp_path / "sweep"
+    proc = _run_cli(["-m", "selector=full,random", "ratio=0.3,0.5", "model=tiny_llama", "eval=smoke",
+                     "eval.steps.tasks=0", "data.limit=6", "data.val_fraction=0",
+                     "trainer.max_steps=1", "logger=csv", f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/train_summary.json")}
+    assert len(summaries) == 4
+    [dup] = [s for s in summaries.values() if "duplicate_of" in s]
+    assert Path(dup["duplicate_of"]).name in summaries and dup["ratio"] == 0.5
+    assert not (Path(dup["duplicate_of"]).parent / next(
+        k for k, v in summaries.items() if v is dup) / "model").exists()
+    assert "not run again" in proc.stdout + proc.stderr
+    from atlas.report import report
+
+    rows = report(sweep, use_wandb=False)["rows"]
+    assert [(r["selector"], r["ratio"], r["n_seeds"]) for r in rows] == [
+        ("full", 1.0, 1), ("random", 0.3, 1), ("random", 0.5, 1)]
 
 
 def test_parallel_launcher_runs_a_sweep_in_separate_processes(tmp_path):

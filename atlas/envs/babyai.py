@@ -97,6 +97,11 @@ class BabyAIEnv(Environment):
         self._envs: dict[str, gym.Env] = {}
         self.env = self.bot = self.obs = None
 
+    @classmethod
+    def canonical_action(cls, action: str | None) -> str | None:
+        index = parse_action(action or "")  # "forward", "move forward" and "go forward" agree
+        return None if index is None else ACTION_NAMES[index]
+
     def reset(self, task: Task) -> str:
         if task.name not in self._envs:
             self._envs[task.name] = gym.make(task.name)

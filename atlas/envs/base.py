@@ -115,6 +115,15 @@ class Environment(abc.ABC):
     def step(self, action: str) -> Feedback:
         """Apply ``action`` (free text); never raises for a bad action."""
 
+    @classmethod
+    def canonical_action(cls, action: str | None) -> str | None:
+        """``action`` as the engine understands it, or None where the engine would reject its
+        form: two actions with the same canonical form do the same thing. Step-level
+        evaluation compares a model's action with the expert's this way. The default (the
+        engines that match exact commands, case-insensitively): lower case, single spaces."""
+        text = " ".join((action or "").split()).lower()
+        return text or None
+
     # ---- expert ------------------------------------------------------------------------------
     @abc.abstractmethod
     def expert_step(self, after_mistake: str | None = None) -> tuple[str, str]:

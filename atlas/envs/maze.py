@@ -74,6 +74,10 @@ class MazeEnv(Environment):
         self.turns, self.done, self.success = 0, True, False
 
     # ---- episode -----------------------------------------------------------------------------
+    @classmethod
+    def canonical_action(cls, action: str | None) -> str | None:
+        return parse(action)  # "move[north]", "go north", "up" and "n" are one move
+
     def reset(self, task: Task) -> str:
         size = re.fullmatch(r"maze-(\d+)x(\d+)", task.name)
         if not size or size.group(1) != size.group(2):

@@ -130,6 +130,12 @@ class WordleEnv(Environment):
         return seeds[index % len(seeds)]
 
     # ---- episode -----------------------------------------------------------------------------
+    @classmethod
+    def canonical_action(cls, action: str | None) -> str | None:
+        match = ACTION.match(action or "")  # "guess[crane]", "guess: CRANE", "crane"
+        ok = match and (action or "").strip().lower() != "guess"
+        return match.group(1).lower() if ok else None
+
     def reset(self, task: Task) -> str:
         if not 0 <= task.seed < len(ANSWERS) or _split_of(ANSWERS[task.seed]) != task.split:
             raise ValueError(f"{task.id}: seed is not a {task.split} word index")
@@ -141,8 +147,7 @@ class WordleEnv(Environment):
         if self.done:
             return self._feedback("The episode is over.")
         self.turns += 1
-        match = ACTION.match(action or "")
-        word = match.group(1).lower() if match and action.strip().lower() != "guess" else None
+        word = self.canonical_action(action)
         if word is None:
             obs = (f"Invalid action {action!r}: use guess[word] with a 5-letter English word, "
                    "e.g. guess[crane]. No guess was used.")

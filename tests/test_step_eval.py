@@ -1,0 +1,221 @@
+"""Step-level evaluation (atlas/step_eval.py): the cached expert test sets, action matching as
+each environment's parser reads it, scoring with the shared KV cache against scoring each step
+alone, summaries and the base-model comparison in evaluate()."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import get_class
+from omegaconf import OmegaConf
+
+from atlas import step_eval
+from atlas.data.formats import read_trajectories
+from atlas.data.masking import tokenize_steps
+from atlas.evaluation import environments, evaluate
+from atlas.model import load_model
+from atlas.rollout import Policy
+from conftest import CONF, ROOT
+
+
+def _eval_cfg(*overrides):
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        return compose("evaluate", overrides=["eval=smoke", *overrides]).eval
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def chatty_model():
+    """A tiny random Llama with large weights, so that its greedy text varies."""
+    torch.manual_seed(0)
+    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("env,action,canonical", [
+    ("babyai", "go forward", "go forward"),
+    ("babyai", "Forward.", "go forward"),       # BabyAI's synonyms
+    ("babyai", "fly away", None),
+    ("maze", "move[north]", "north"),
+    ("maze", "go up", "north"),
+    ("maze", "move[sideways]", None),
+    ("wordle", "guess[CRANE]", "crane"),
+    ("wordle", "crane", "crane"),
+    ("wordle", "guess", None),
+    ("scienceworld", "Open  door to Kitchen", "open door to kitchen"),  # engines: exact, any case
+    ("twx", "take coin ", "take coin"),
+    ("twx", "", None),
+])
+def test_actions_are_compared_as_the_environment_parses_them(env, action, canonical):
+    cfg = OmegaConf.load(CONF / "env" / f"{env}.yaml")
+    assert get_class(cfg._target_).canonical_action(action) == canonical
+
+
+def test_test_set_is_generated_once_cached_and_disjoint_from_training(tmp_path, monkeypatch):
+    cfg = OmegaConf.load(CONF / "env" / "babyai.yaml")
+    first, path = step_eval.test_trajectories(cfg, 6, mistake_fraction=0.5, cache_root=tmp_path)
+    assert path.exists() and path.parent == tmp_path and len(first) >= 5
+    assert all(t.meta["split"] == "test" and t.id.startswith("babyai/") for t in first)
+    assert any(t.meta["mistake_step"] is not None for t in first)
+    # second call: read from the cache, never generated again
+    import atlas.data.generate as generate
+
+    monkeypatch.setattr(generate, "generate", lambda *a, **k: pytest.fail("regenerated"))
+    again, same = step_eval.test_trajectories(cfg, 6, mistake_fraction=0.5, cache_root=tmp_path)
+    assert same == path and [t.fingerprint() for t in again] == [t.fingerprint() for t in first]
+    train = read_trajectories(ROOT / "atlas" / "data" / "default" / "babyai.jsonl")
+    assert step_eval.overlap(first, train) == []
+    assert step_eval.overlap(first, first[:2]) == [t.id for t in first[:2]]
+
+
+def test_a_different_env_config_is_a_different_cached_test_set(tmp_path):
+    cfg = OmegaConf.load(CONF / "env" / "maze.yaml")
+    _, a = step_eval.test_trajectories(cfg, 2, cache_root=tmp_path)
+    cfg.max_turns = 39
+    _, b = step_eval.test_trajectories(cfg, 2, cache_root=tmp_path)
+    assert a != b and a.exists() and b.exists()
+
+
+def _items(tmp_path, mistake_fraction=1.0, tasks=2):
+    items = []
+    for name, group in (("babyai", "held_in"), ("maze", "held_out")):
+        cfg = OmegaConf.load(CONF / "env" / f"{name}.yaml")
+        ts, _ = step_eval.test_trajectories(cfg, tasks, mistake_fraction=mistake_fraction,
+                                            cache_root=tmp_path)
+        canonical = get_class(cfg._target_).canonical_action
+        items += [(t, group, canonical, c) for t, c in zip(ts, step_eval.step_criteria(ts, 0.3))]
+    return items
+
+
+@pytest.mark.parametrize("segment", [None, 5])
+def test_shared_cache_scoring_equals_scoring_each_step_alone(chatty_model, tokenizer, tmp_path,
+                                                             segment):
+    """Every step's greedy turn and NLL, computed from its trajectory's one teacher-forced pass
+    in batches of mixed lengths (and in segments that finished rows leave), equal a fresh
+    computation of that step alone, in one go."""
+    items = _items(tmp_path)
+    records = step_eval.score(chatty_model, tokenizer, items, batch_size=3, max_new_tokens=12,
+                              chunk_steps=5, segment=segment)
+    alone = Policy(chatty_model, tokenizer, max_new_tokens=12, reuse_cache=False)
+    by_id = {t.id: t for t, *_ in items}
+    expected = sum(len(step_eval.scored_steps(t)) for t in by_id.values())
+    assert len(records) == expected and expected > 10
+    mistakes = {t.id: t.meta["mistake_step"] for t in by_id.values()
+                if t.meta["mistake_step"] is not None}
+    assert len(mistakes) >= 2
+    for tid, mistake in mistakes.items():  # mistakes stay in the history but are not scored
+        assert mistake not in {r["step"] for r in records if r["task"] == tid}
+    for r in records:
+        t = by_id[r["task"]]
+        chat = t.chat()
+        cut = 1 + [k for k, m in enumerate(t.messages) if m.role == "assistant"][r["step"]]
+        assert r["response"] == alone.generate([alone.prompt_ids(chat[:cut])])[0], r
+        tok = tokenize_steps(t, tokenizer)
+        s, e = tok.step_spans[r["step"]]
+        with torch.no_grad():
+            logits = chatty_model(input_ids=torch.tensor([tok.input_ids])).logits[0]
+        nll = torch.nn.functional.cross_entropy(logits[s - 1:e - 1], torch.tensor(tok.input_ids[s:e]))
+        assert r["nll"] == pytest.approx(float(nll), abs=1e-3)
+
+
+class ScriptedPolicy(Policy):
+    """Answers each step with ``answer(trajectory, step)``; the rest is the real Policy."""
+
+    def __init__(self, model, tokenizer, items, answer):
+        super().__init__(model, tokenizer, max_new_tokens=4)
+        self.by_id = {t.id: t for t, *_ in items}
+        self.answer = answer
+
+    def generate(self, prompts, keys=None, remember=True):
+        out = []
+        for key in keys:
+            tid, step = key.removeprefix("step-eval/").rsplit("/", 1)
+            out.append(self.answer(self.by_id[tid], int(step)))
+        return out
+
+
+def _wrong(t, step):
+    expert = t.steps[step].message.content.split("Action: ")[1]
+    options = ["move[north]", "move[south]"] if t.env == "maze" else ["turn left", "turn right"]
+    return next(a for a in options if a != expert)
+
+
+@pytest.mark.parametrize("answer,accuracy,no_action", [
+    (lambda t, s: t.steps[s].message.content, 100.0, False),                     # the expert
+    (lambda t, s: "Thought: " + t.steps[s].message.content.split("Action:")[0], 0.0, True),
+    (lambda t, s: "Thought: ok\nAction: " + _wrong(t, s), 0.0, False),  # valid, not the expert's
+])
+def test_accuracy_counts_the_expert_action(chatty_model, tokenizer, tmp_path, answer, accuracy,
+                                           no_action):
+    items = _items(tmp_path)
+    policy = ScriptedPolicy(chatty_model, tokenizer, items, answer)
+    records = step_eval.score(chatty_model, tokenizer, items, batch_size=4, policy=policy)
+    summary = step_eval.summarize(records, {"babyai": "held_in", "maze": "held_out"})
+    for env in ("babyai", "maze"):
+        r = summary["environments"][env]
+        assert r["accuracy"]["value"] == accuracy
+        assert (r["no_action"] == r["steps"]) == no_action
+    assert set(summary["averages"]) == {"held_in", "held_out"}
+    crit = summary["averages"]["held_in"]["by_criterion"]
+    assert sum(c["steps"] for c in crit.values()) == summary["averages"]["held_in"]["steps"]
+    assert set(crit) <= set(step_eval.CRITERIA) and step_eval.UNMARKED in crit
+    same = step_eval.paired_difference(records, records, "held_in")
+    assert same["value"] == 0 and not same["resolved"]
+
+
+def test_synonyms_of_the_expert_action_count(chatty_model, tokenizer, tmp_path):
+    """'move north' is maze's 'move[north]': the same action as the environment reads it."""
+    items = [i for i in _items(tmp_path) if i[1] == "held_out"]
+
+    def alias(t, s):
+        action = t.steps[s].message.content.split("Action: ")[1]
+        return "Thought: x\nAction: go " + action.removeprefix("move[").rstrip("]").upper()
+
+    records = step_eval.score(chatty_model, tokenizer, items, policy=ScriptedPolicy(
+        chatty_model, tokenizer, items, alias))
+    assert records and all(r["correct"] for r in records)
+
+
+def test_evaluate_writes_steps_and_compares_with_the_cached_base_model(chatty_model, tokenizer,
+                                                                      tmp_path, cache, monkeypatch):
+    eval_cfg = _eval_cfg("eval.steps.tasks=2", "eval.steps.baseline=true", "eval.episodes=0")
+    base_cfg = OmegaConf.load(CONF / "model" / "tiny_llama.yaml")
+    results = evaluate(chatty_model, tokenizer, eval_cfg, tmp_path / "a", base_model=base_cfg,
+                       training=read_trajectories(ROOT / "atlas" / "data" / "default" / "babyai.jsonl"))
+    steps = results["steps"]
+    assert set(steps["environments"]) == {"babyai", "maze"}
+    for r in steps["environments"].values():
+        assert r["accuracy"]["low"] <= r["accuracy"]["value"] <= r["accuracy"]["high"]
+    assert steps["overlap_with_training"] == 0
+    assert "episodes_file" not in results and results["environments"] == {}
+    lines = (tmp_path / "a" / "steps.jsonl").read_text().splitlines()
+    assert len(lines) == sum(r["steps"] for r in steps["environments"].values())
+    assert set(results["baseline"]["difference"]) == {"held_in", "held_out"}
+    saved = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert saved["steps"]["averages"] == steps["averages"]
+    # the base model's records come from the cache the second time: it is not loaded again
+    import atlas.model
+
+    monkeypatch.setattr(atlas.model, "load_model", lambda **k: pytest.fail("base model reloaded"))
+    again = evaluate(chatty_model, tokenizer, eval_cfg, tmp_path / "b", base_model=base_cfg)
+    assert again["baseline"]["steps"] == results["baseline"]["steps"]
+    assert (tmp_path / "b" / "steps_base.jsonl").read_text() == (tmp_path / "a" / "steps_base.jsonl").read_text()
+
+
+def test_bad_step_config_is_named(tmp_path, cache):
+    with pytest.raises(ValueError, match="eval.steps.tasks for babyai"):
+        evaluate(None, None, _eval_cfg("eval.steps.tasks=-1"), tmp_path)
+    envs = environments(_eval_cfg())
+    assert set(envs) == {"babyai", "maze"}
