@@ -182,6 +182,8 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
                                         base_model, training, is_base)
     episodes: list[Episode] = []
     if eval_cfg.episodes:
+        if step_records is not None:  # kept should the rollouts fail
+            atomic_write(out / "results.json", json.dumps(results, indent=2))
         episodes = _rollouts(model, tokenizer, eval_cfg, envs, out)
         results.update(summarize(episodes, groups))
         results["episodes_file"] = str((out / "episodes.jsonl").resolve())
@@ -235,6 +237,9 @@ def _step_evaluation(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
     from atlas.model import cache_dir
 
     cfg = eval_cfg.steps
+    for key in ("batch_size", "max_new_tokens", "segment"):
+        if cfg.get(key) is not None and cfg[key] < 1:
+            raise ValueError(f"eval.steps.{key} must be >= 1, got {cfg[key]}")
     items, files = step_eval.load_suite(envs, cfg)
     if not items:
         raise ValueError("eval.steps: no test trajectories (every environment's task count is 0)")

@@ -216,3 +216,71 @@ def test_full_at_several_ratios_is_one_seed_and_other_overrides_split_cells(tmp_
     rows = report(other, use_wandb=False)["rows"]
     assert [(r["overrides"], r["n_seeds"], r["babyai_mean"]) for r in rows] == [
         ("module.lr=1e-4", 1, 50.0), ("module.lr=2e-4", 1, 51.0)]
+
+
+def _step_records(env_groups: dict[str, str], correct_rate: dict[str, float], tasks: int = 12,
+                  steps: int = 6, seed: int = 0) -> list[dict]:
+    """Step records as evaluate() writes them: per env, ``tasks`` tasks of ``steps`` steps."""
+    import random
+
+    rng = random.Random(seed)
+    out = []
+    for env, group in env_groups.items():
+        for t in range(tasks):
+            for s in range(steps):
+                out.append({"env": env, "group": group, "task": f"{env}/t{t}", "step": s,
+                            "criterion": "unmarked", "expert_action": "a", "action": "a",
+                            "correct": rng.random() < correct_rate[env], "nll": 1.0,
+                            "response": ""})
+    return out
+
+
+def write_step_job(job_dir: Path, selector: str, ratio: float, seed: int, rates: dict[str, float],
+                   base_rates: dict[str, float]) -> Path:
+    from atlas import step_eval
+
+    groups = {"babyai": "held_in", "wordle": "held_in", "maze": "held_out"}
+    write_job(job_dir, selector, ratio, seed, (0.0, 0.0, 0.0))
+    records = _step_records(groups, rates, seed=seed)
+    base = _step_records(groups, base_rates, seed=99)
+    eval_dir = job_dir / "eval"
+    for name, recs in (("steps.jsonl", records), ("steps_base.jsonl", base)):
+        (eval_dir / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    results = json.loads((eval_dir / "results.json").read_text())
+    results["steps"] = step_eval.summarize(records, groups)
+    (eval_dir / "results.json").write_text(json.dumps(results))
+    return job_dir
+
+
+def test_step_accuracy_report_with_intervals_and_paired_differences(tmp_path):
+    root = tmp_path / "sweep"
+    strong = {"babyai": 0.8, "wordle": 0.7, "maze": 0.5}
+    weak = {"babyai": 0.1, "wordle": 0.1, "maze": 0.5}
+    write_step_job(root / "0", "full", 0.3, 0, strong, weak)
+    write_step_job(root / "1", "critical", 0.3, 0, strong, weak)
+    write_step_job(root / "2", "random", 0.3, 0, {**strong, "babyai": 0.75}, weak)
+    result = report(root, use_wandb=False)
+    assert result["metric"] == "step_accuracy"  # every job has step-level results
+    rows = {r["selector"]: r for r in result["rows"]}
+    for r in rows.values():
+        assert r["held_in_low"] <= r["held_in_mean"] <= r["held_in_high"]
+        assert r["held_in_high"] - r["held_in_low"] > 1  # a real interval, not a point
+    diffs = {(d["a"], d["b"], d["group"]): d for d in result["differences"]}
+    # every cell against the base model, paired: a large held-in gain, resolved
+    for cell in ("full", "critical 0.3", "random 0.3"):
+        d = diffs[(cell, "base model", "held_in")]
+        assert d["resolved"] and d["low"] > 0
+        assert not diffs[(cell, "base model", "held_out")]["resolved"]  # same rate: no claim
+    # the paper's comparisons at the same ratio; full is not compared with itself
+    assert {(a, b) for a, b, _ in diffs} >= {("critical 0.3", "full"), ("critical 0.3", "random 0.3"),
+                                              ("random 0.3", "full")}
+    assert not any(a == "full" and b != "base model" for a, b, _ in diffs)
+    md = result["markdown"].read_text()
+    assert "## Paired differences" in md and "**Resolved**" in md and "**Not resolved**" in md
+    assert "full > base model on held-in avg" in md
+    # the cells carry their interval in the table
+    full_line = next(line for line in md.splitlines() if line.startswith("| full |"))
+    assert full_line.count("[") >= 5
+    with (result["markdown"].parent / "differences.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == len(result["differences"])
+    assert result["plots"]  # with error bars from the intervals

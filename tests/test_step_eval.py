@@ -217,5 +217,8 @@ def test_evaluate_writes_steps_and_compares_with_the_cached_base_model(chatty_mo
 def test_bad_step_config_is_named(tmp_path, cache):
     with pytest.raises(ValueError, match="eval.steps.tasks for babyai"):
         evaluate(None, None, _eval_cfg("eval.steps.tasks=-1"), tmp_path)
+    for key in ("batch_size", "segment"):
+        with pytest.raises(ValueError, match=f"eval.steps.{key} must be >= 1"):
+            evaluate(None, None, _eval_cfg(f"eval.steps.{key}=0"), tmp_path)
     envs = environments(_eval_cfg())
     assert set(envs) == {"babyai", "maze"}

@@ -319,7 +319,7 @@ def test_experiment_configs_compose(name, model, jobs):
         assert cfg.oracle.model == "gpt-4o" and cfg.trainer.strategy == "fsdp"
     else:  # the experiment's values win over train.yaml's
         assert cfg.module.lr == 2e-4 and cfg.data.limit == 64
-        assert cfg.eval.episodes == (2 if name == "cpu_small" else 4)
+        assert cfg.eval.episodes == (2 if name == "cpu_small" else 3)
 
 
 def test_experiment_cpu_small_starts_its_sweep(tmp_path):
