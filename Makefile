@@ -21,11 +21,12 @@ install: $(STAMP)
 
 # The demo: the main job end to end, sized for 2 CPU cores: 48 of the 400 default expert
 # trajectories (12 per held-in environment), lr 2e-4 so the 135M model learns the
-# Thought/Action format, then step-level evaluation on 2 expert test trajectories per
-# environment, against the base model (scored once, then cached). It ends with the table
-# base vs trained: held-in and held-out step accuracy with 95% intervals. No rollouts (they
-# cost more than the rest here and, at this size, succeed on nothing): `ARGS=eval.episodes=2`.
-DEMO_ARGS ?= data.limit=48 module.lr=2e-4 trainer.accumulate_grad_batches=2 eval.episodes=0 eval.steps.tasks=2
+# Thought/Action format, then step-level evaluation on 3 expert test trajectories per held-in
+# and 4 per held-out environment, against the base model (scored once, then cached). It ends
+# with the table base vs trained: held-in and held-out step accuracy with 95% intervals. This is
+# one job of experiment=cpu_steps (full, seed 0). No rollouts (they cost more than the rest here
+# and, at this size, succeed on nothing): `ARGS=eval.episodes=2` adds them.
+DEMO_ARGS ?= data.limit=48 module.lr=2e-4 trainer.accumulate_grad_batches=2 eval.episodes=0 'eval.steps.tasks={held_in:3,held_out:4}'
 demo: install  ## train SmolLM2-135M on expert trajectories, then evaluate held-in and held-out (ARGS="..." adds overrides)
 	$(BIN)/python train.py $(DEMO_ARGS) $(ARGS)
 

@@ -43,6 +43,8 @@ from atlas.utils import atomic_write
 log = logging.getLogger(__name__)
 
 GROUPS = ("held_in", "held_out")
+# below this many test tasks in an environment, its bootstrap interval is too narrow to trust
+FEW_TASKS = 8
 
 
 def environments(eval_cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
@@ -250,6 +252,11 @@ def _step_evaluation(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
     _write_jsonl(out / "steps.jsonl", records)
     results["steps"] = {**step_eval.summarize(records, groups), "file": str((out / "steps.jsonl").resolve()),
                         "test_sets": files, "seconds": round(time.time() - t0, 1)}
+    few = sorted(e for e, r in results["steps"]["environments"].items() if r["tasks"] < FEW_TASKS)
+    if few:
+        log.warning("%s: fewer than %d test tasks each; a bootstrap over so few tasks "
+                    "understates the uncertainty of these environments (eval.steps.tasks)",
+                    ", ".join(few), FEW_TASKS)
     if training is not None:
         clash = step_eval.overlap([t for t, *_ in items], training)
         results["steps"]["overlap_with_training"] = len(clash)

@@ -292,6 +292,9 @@ def format_table(steps: dict[str, Any]) -> str:
     for group, avg in steps["averages"].items():
         lines.append(f"{group + ' avg':<32}{avg['steps']:>7}  {_fmt(avg['accuracy']):<24}"
                      f"{_fmt(avg['nll'], '.3f'):<24}")
+    for group, avg in steps["averages"].items():  # by the heuristic oracle's criterion
+        lines.append(f"{group} by criterion: " + "; ".join(
+            f"{c} {_fmt(v['accuracy'])} ({v['steps']} steps)" for c, v in avg["by_criterion"].items()))
     return "\n".join(lines)
 
 
