@@ -128,7 +128,9 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
     columns: dict[str, str] = {}
     for group in GROUPS:
         for job in jobs:
-            for name, env in job["results"].get("environments", {}).items():
+            source = ((job["results"].get("steps") or {}) if metric == "step_accuracy"
+                      else job["results"])
+            for name, env in source.get("environments", {}).items():
                 if env.get("group") == group:
                     columns.setdefault(name, group)
     columns.update({g: "avg" for g in GROUPS})
