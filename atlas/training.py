@@ -136,7 +136,9 @@ def duplicate_of(cfg: DictConfig, sweep_dir: str | None, out: Path) -> str | Non
     config.pop("paths", None)
     if "ratio" not in json.dumps(config.get("selector")):  # the selector never reads the ratio
         config.pop("ratio", None)
-    key = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    # the job's own directory appears in other settings too (the logger's save_dir, ...)
+    text = json.dumps(config, sort_keys=True, default=str).replace(str(cfg.paths.output_dir), "<out>")
+    key = hashlib.sha256(text.encode()).hexdigest()[:16]
     claim = Path(sweep_dir) / ".jobs" / key
     claim.parent.mkdir(parents=True, exist_ok=True)
     try:

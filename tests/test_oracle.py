@@ -4,7 +4,6 @@ validation and re-asks, SDK retries, timeouts, the cache, batch APIs, keys kept 
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -270,11 +269,9 @@ def test_anthropic_message_batches(fake, keys, tmp_path, trajectories):
 def test_requests_overlap_up_to_the_concurrency_limit(keys, tmp_path, concurrency):
     trajs = read_trajectories(PACKAGED / "wordle.jsonl")[:16]
     with FakeProvider(latency=0.25) as server:
-        t0 = time.time()
         judge(openai(server, tmp_path, concurrency=concurrency), trajs)
-        seconds = time.time() - t0
+        # (no bound on the wall time: it failed on a machine busy with a training run)
         assert server.max_in_flight == concurrency
-    assert seconds < 16 / concurrency * 0.25 * 2, seconds
 
 
 def test_trajectories_with_the_same_content_are_asked_once(fake, keys, tmp_path, trajectories):

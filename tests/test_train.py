@@ -257,7 +257,7 @@ def test_multirun_with_ddp_runs_each_job_once_in_one_directory_tree(tmp_path, sw
               "eval_after_training=false"], cwd=tmp_path, timeout=300)  # the pitfall hangs
     [sweep_dir] = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     assert not (tmp_path / "logs" / "train" / "runs").exists()
-    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [j.name for j in jobs] == ["0", "1"]
     for job in jobs:
         summary = json.loads((job / "train_summary.json").read_text())
