@@ -19,6 +19,11 @@ FAMILIES = {
                                 "<|eot_id|>"], "<|begin_of_text|>", "<|eot_id|>"),
     "gemma": ("gemma.jinja", ["<bos>", "<start_of_turn>", "<end_of_turn>"], "<bos>", "<end_of_turn>"),
     "phi3": ("phi3.jinja", ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"], None, "<|end|>"),
+    # closes a turn with two tokens: both are supervised
+    "cohere2": ("cohere2.jinja", ["<BOS_TOKEN>", "<|START_OF_TURN_TOKEN|>", "<|END_OF_TURN_TOKEN|>",
+                                  "<|SYSTEM_TOKEN|>", "<|USER_TOKEN|>", "<|CHATBOT_TOKEN|>",
+                                  "<|START_RESPONSE|>", "<|END_RESPONSE|>"], "<BOS_TOKEN>",
+                "<|END_RESPONSE|><|END_OF_TURN_TOKEN|>"),
 }
 
 
@@ -72,13 +77,82 @@ def test_masks_are_token_exact(shared_data, family):
         assert supervised_runs(ex, tok) == expected, (family, t.id)
         assert ex.selected_steps == chosen
         # the tail after the last selected step is gone: the sequence ends on its end-of-turn
-        assert tok.convert_ids_to_tokens(ex.input_ids[-1]) == eot
+        assert tok.decode(ex.input_ids, skip_special_tokens=False).endswith(eot)
         assert ex.labels[-1] == ex.input_ids[-1]
         # and what remains is a prefix of the full rendering
         full = tokenize_steps(sel, tok)
         assert full.input_ids[:len(ex.input_ids)] == ex.input_ids
         checked += 1
     assert checked == 42
+
+
+# Text that a search for the step's text in the rendered chat matches at the wrong place.
+FOOLING = {
+    # a few-shot system prompt that holds the first observation and then the step
+    "few-shot system prompt": Trajectory(
+        "fewshot", "e", system="Example:\nTask: find the key\nAction: go north",
+        messages=[Message("user", "Task: find the key"), Message("assistant", "Action: go north"),
+                  Message("user", "You see a key."), Message("assistant", "Action: take key")]),
+    # one-word steps that also occur in the template's own markup
+    "steps that are markup": Trajectory(
+        "markup", "e", [Message("user", "q"), Message("assistant", "end"), Message("user", "r"),
+                        Message("assistant", "start"), Message("user", "s"),
+                        Message("assistant", "a"), Message("user", "t"),
+                        Message("assistant", "assistant")]),
+    # a step that equals an earlier observation and the generation header's role name
+    "step repeats an observation": Trajectory(
+        "repeat", "e", [Message("user", "model"), Message("assistant", "model"),
+                        Message("user", "user"), Message("assistant", "user")]),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("case", sorted(FOOLING))
+def test_text_cannot_fool_the_masks(family, case):
+    """Every step is located at its own turn: the supervised tokens decode to the steps and
+    their end of turn, and each span starts after the message before it in the rendering."""
+    tok, eot = family_tokenizer(family), FAMILIES[family][3]
+    t = FOOLING[case]
+    ex = encode(t, tok)
+    assert supervised_runs(ex, tok) == [s.message.content + eot for s in t.steps], (family, case)
+    # an independent reference: each step starts right after the generation prompt of the
+    # conversation before it, rendered prefix by prefix
+    chat = t.chat()
+    if family == "gemma" and t.system is not None:  # refuses a system role: folded, as atlas does
+        chat = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}] + chat[2:]
+    enc = tokenize_steps(t, tok)
+    offsets = tok(enc.text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    starts = [len(tok.apply_chat_template(chat[:i], tokenize=False, add_generation_prompt=True))
+              for i, m in enumerate(chat) if m["role"] == "assistant"]
+    assert [offsets[a][0] for a, _ in enc.step_spans] == starts, (family, case)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_empty_step_is_an_error_naming_it(family):
+    t = Trajectory("empty", "e", [Message("user", "x"), Message("assistant", "go"),
+                                  Message("user", "y"), Message("assistant", "")],
+                   meta={"source": "d.jsonl:3"})
+    with pytest.raises(MaskingError, match=r"trajectory empty \(d.jsonl:3\): step 1 .*empty"):
+        tokenize_steps(t, family_tokenizer(family))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_control_string_in_a_step(family, caplog):
+    tok, eot = family_tokenizer(family), FAMILIES[family][3]
+    control = tok.convert_ids_to_tokens(tok(eot, add_special_tokens=False)["input_ids"][-1])
+    t = Trajectory("ctl", "e", [Message("user", "q"), Message("assistant", "ok"),
+                                Message("user", "r"), Message("assistant", f"stop{control} now")])
+    with caplog.at_level("WARNING"):
+        tokenize_steps(t, tok)
+    assert f"trajectory ctl: step 1 (message 3) contains the control string {control}" in caplog.text
+    with pytest.raises(MaskingError, match=r"step 1 \(message 3\) contains the control string"):
+        encode(t, tok, special_tokens_in_text="error")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        encode(t, tok, special_tokens_in_text="allow")
+    assert "control string" not in caplog.text
+    with pytest.raises(ValueError, match="special_tokens_in_text must be one of"):
+        encode(t, tok, special_tokens_in_text="maybe")
 
 
 def test_step_is_found_after_an_observation_that_repeats_it(tokenizer):
@@ -128,7 +202,7 @@ def test_template_that_rewrites_steps_is_an_error(tokenizer):
     tok.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] | upper }}\n"
                          "{% endfor %}")
     t = Trajectory("u", "e", [Message("user", "q"), Message("assistant", "think")])
-    with pytest.raises(MaskingError, match="does not appear verbatim"):
+    with pytest.raises(MaskingError, match="not appear verbatim"):
         encode(t, tok)
 
 

@@ -155,6 +155,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         tokenizer: Tokenizer with the model's chat template.
         max_length: Longest sequence; see :func:`atlas.data.masking.encode` for ``overflow``.
         overflow: ``drop_steps`` or ``error``.
+        special_tokens_in_text: ``error``, ``warn`` or ``allow``: see
+            :func:`atlas.data.masking.tokenize_steps`.
         batch_size: Examples per batch (rows of packed examples under ``packing``).
         packing: Lay several training examples end to end in one row of up to
             ``pack_length`` tokens (position ids restart per example; no attention across
@@ -170,11 +172,13 @@ class TrajectoryDataModule(L.LightningDataModule):
     def __init__(self, train: list[Trajectory], val: list[Trajectory], tokenizer,
                  max_length: int | None = 1024, overflow: str = "drop_steps", batch_size: int = 1,
                  num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
-                 group_by_length: bool = False, seed: int | None = None):
+                 group_by_length: bool = False, seed: int | None = None,
+                 special_tokens_in_text: str = "warn"):
         super().__init__()
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
         self.max_length, self.overflow = max_length, overflow
+        self.special_tokens_in_text = special_tokens_in_text
         self.batch_size, self.num_workers = batch_size, num_workers
         if pack_length is not None and pack_length < 1:
             raise ValueError(f"data.loader.pack_length must be >= 1 (or null), got {pack_length}")
@@ -193,7 +197,8 @@ class TrajectoryDataModule(L.LightningDataModule):
                 unselected.append(t.id)
                 continue
             try:
-                ex = encode(t, self.tokenizer, self.max_length, self.overflow)
+                ex = encode(t, self.tokenizer, self.max_length, self.overflow,
+                            self.special_tokens_in_text)
             except StepOverflowError:
                 if self.overflow == "error":
                     raise

@@ -1,17 +1,25 @@
 """Per-step loss masks: the one place that decides which tokens are supervised.
 
-How the mask is found, without ``{% generation %}`` markers (most stock templates lack them):
+How each step's tokens are found, without ``{% generation %}`` markers (most stock templates lack
+them) and without searching for the step's text (which a system prompt, an earlier turn or the
+template's own markup can also contain):
 
-1. Render the whole trajectory once with the tokenizer's own chat template.
-2. Walk the messages in order and find each one's content in the rendered text, from where the
-   previous one ended (so a step that repeats an earlier observation is not matched there).
-3. Tokenize the rendered text with character offsets; a step's tokens are the tokens whose
-   characters fall in its content, plus the end-of-turn token right after it when that token is a
-   special token (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, ``<|end|>``...), so the model
-   learns to stop.
+1. Render the trajectory with the tokenizer's own chat template, and render it again with every
+   step replaced by a unique sentinel. Between the sentinels lies exactly what the template
+   writes around the steps (markup, system prompt, observations).
+2. Walk the real rendering: that markup, then the step as the template writes it (whole, or
+   stripped by templates that trim), then the next markup. Anything else is a
+   :class:`MaskingError` that names the trajectory and step, never a guess.
+3. Tokenize with character offsets; a step's tokens are exactly those of its characters (a token
+   that straddles markup and step is an error), plus the special tokens that close the turn
+   (``<|im_end|>``, ``<|eot_id|>``, ``<end_of_turn>``, Cohere's ``<|END_RESPONSE|>`` and
+   ``<|END_OF_TURN_TOKEN|>``...): what the template writes after the step when the conversation
+   ends there, so the model learns to stop.
 
-The tests check this token-exactly on five real template families (ChatML, Qwen2.5, Llama-3,
-Gemma, Phi-3): the decoded supervised spans equal the selected turns plus their end-of-turn token.
+The tests check this token-exactly on real template families (ChatML, Qwen2.5, Llama-3, Gemma,
+Phi-3, Cohere 2): the decoded supervised spans equal the selected turns plus their end of turn,
+and text built to fool a search (a few-shot system prompt, a step that is template markup) is
+located right.
 
 Labels are the input ids on the selected steps' tokens and -100 elsewhere. Everything after the
 last selected step is dropped: a causal LM's loss on earlier tokens cannot depend on it.
@@ -19,7 +27,10 @@ last selected step is dropped: a causal LM's loss on earlier tokens cannot depen
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
 from dataclasses import dataclass, field
 
 from jinja2 import TemplateError
@@ -30,6 +41,7 @@ log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 OVERFLOW = ("drop_steps", "error")
+SPECIAL_TOKENS_IN_TEXT = ("error", "warn", "allow")
 
 
 class MaskingError(ValueError):
@@ -82,24 +94,32 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def render(trajectory: Trajectory, tokenizer) -> str:
-    """The trajectory rendered by the tokenizer's chat template.
-
-    Templates that refuse a system role (Gemma, Mistral) get the system prompt folded into the
-    first user turn, the way those model families are prompted.
-    """
+def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, str]], int]:
+    """The messages the chat template accepts, and the index of ``trajectory.messages[0]`` in
+    them. Templates that refuse a system role (Gemma, Mistral) get the system prompt folded into
+    the first user turn, the way those model families are prompted."""
     chat = trajectory.chat()
+    offset = len(chat) - len(trajectory.messages)
     try:
         try:
-            return tokenizer.apply_chat_template(chat, tokenize=False)
+            tokenizer.apply_chat_template(chat, tokenize=False)
+            return chat, offset
         except TemplateError:
             if chat[0]["role"] != "system" or len(chat) < 2 or chat[1]["role"] != "user":
                 raise
             folded = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}]
-            return tokenizer.apply_chat_template(folded + chat[2:], tokenize=False)
+            folded += chat[2:]
+            tokenizer.apply_chat_template(folded, tokenize=False)
+            return folded, 0
     except TemplateError as e:
         raise MaskingError(f"{_name(trajectory)}: the chat template refuses this conversation: "
                            f"{e}") from None
+
+
+def render(trajectory: Trajectory, tokenizer) -> str:
+    """The trajectory rendered by the tokenizer's chat template."""
+    chat, _ = _rendered_chat(trajectory, tokenizer)
+    return tokenizer.apply_chat_template(chat, tokenize=False)
 
 
 def _name(trajectory: Trajectory) -> str:
@@ -113,47 +133,135 @@ def special_token_ids(tokenizer) -> set[int]:
     return ids
 
 
-def tokenize_steps(trajectory: Trajectory, tokenizer) -> TokenizedTrajectory:
-    """Tokenize a trajectory with its chat template and locate every step's tokens."""
+def special_token_strings(tokenizer) -> set[str]:
+    """The control strings of a tokenizer (``<|im_end|>``, ``<|eot_id|>``...): text that
+    tokenizes as a special token wherever it occurs."""
+    strings = {str(t) for t in tokenizer.all_special_tokens}
+    strings.update(tok.content for tok in tokenizer.added_tokens_decoder.values() if tok.special)
+    return {s for s in strings if s}
+
+
+def _sentinel(text: str, k: int) -> str:
+    """A marker for step ``k`` that occurs nowhere in ``text`` and that no template trims."""
+    nonce = hashlib.sha1(text.encode()).hexdigest()[:12]
+    while nonce in text:
+        nonce = hashlib.sha1(nonce.encode()).hexdigest()[:12]
+    return f"ATLAS{nonce}STEP{k}END"
+
+
+def tokenize_steps(trajectory: Trajectory, tokenizer,
+                   special_tokens_in_text: str = "warn") -> TokenizedTrajectory:
+    """Tokenize a trajectory with its chat template and locate every step's tokens.
+
+    Args:
+        trajectory: The trajectory.
+        tokenizer: A fast tokenizer with a chat template.
+        special_tokens_in_text: A step whose text contains a control string of the tokenizer
+            (``<|im_end|>`` typed as text) is tokenized with the control token in it, which
+            teaches the model to stop mid-step: ``error`` raises, ``warn`` logs the trajectory
+            and step, ``allow`` says nothing.
+
+    Raises:
+        MaskingError: naming the trajectory and step, when a step cannot be located exactly.
+    """
+    if special_tokens_in_text not in SPECIAL_TOKENS_IN_TEXT:
+        raise ValueError(f"data.special_tokens_in_text must be one of {SPECIAL_TOKENS_IN_TEXT}, "
+                         f"got {special_tokens_in_text!r}")
     if not getattr(tokenizer, "is_fast", False):
         raise MaskingError("per-step masks need a fast tokenizer (character offsets)")
-    text = render(trajectory, tokenizer)
+    name = _name(trajectory)
+    chat, offset = _rendered_chat(trajectory, tokenizer)
+    apply = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
+    text = apply(chat)
+    steps = trajectory.steps
+    _check_control_strings(trajectory, steps, tokenizer, special_tokens_in_text)
+
+    # 1. the skeleton: the same conversation with each step replaced by a unique sentinel.
+    #    Between the sentinels lies exactly what the template writes around the steps.
+    sentinels = [_sentinel(text, k) for k in range(len(steps))]
+    skeleton_chat = [dict(m) for m in chat]
+    for step, sentinel in zip(steps, sentinels):
+        skeleton_chat[step.message_index + offset]["content"] = sentinel
+    skeleton = apply(skeleton_chat)
+    pattern = "|".join(re.escape(s) for s in sentinels)
+    segments = re.split(pattern, skeleton)
+    if len(segments) != len(steps) + 1 or re.findall(pattern, skeleton) != sentinels:
+        raise MaskingError(f"{name}: the steps do not appear verbatim and in order in the chat "
+                           f"template's output; the template rewrites assistant turns, so their "
+                           f"tokens cannot be located")
+
+    # 2. walk the real rendering: markup, step, markup, step... each step as the template
+    #    writes it (whole, or stripped by templates that trim: Llama-3, Gemma)
     char_spans: list[tuple[int, int]] = []
-    cursor = 0
-    for i, m in enumerate(trajectory.messages):
-        # templates that trim (Llama-3, Gemma) render the stripped content: take whichever
-        # form occurs first, so neither matches a later turn's text; at the same place the
-        # untrimmed one, which the template kept whole
-        found = [(text.find(c, cursor), -len(c), c) for c in {m.content, m.content.strip()}]
-        pos, _, content = min((f for f in found if f[0] >= 0), default=(-1, 0, m.content))
-        if pos < 0:
-            if m.role == "assistant":
-                raise MaskingError(
-                    f"{_name(trajectory)}: step {len(char_spans)} (message {i}) does not "
-                    f"appear verbatim in the chat template's output; the template rewrites "
-                    f"assistant turns, so its tokens cannot be located")
-            continue  # a template may drop or rewrite a user turn; steps still match in order
-        if m.role == "assistant":
-            char_spans.append((pos, pos + len(content)))
-        cursor = pos + len(content)
+    pos = 0
+    for k, step in enumerate(steps):
+        if not text.startswith(segments[k], pos):
+            raise MaskingError(f"{name}: step {k} (message {step.message_index}): the chat "
+                               f"template renders the conversation around it differently from "
+                               f"the same conversation without it, so its tokens cannot be "
+                               f"located")
+        pos += len(segments[k])
+        content = step.message.content
+        after = segments[k + 1]
+        fits = [c for c in dict.fromkeys([content, content.strip()])
+                if text.startswith(c, pos) and (text.startswith(after, pos + len(c)) if k + 1 < len(steps)
+                                                else text[pos + len(c):] == after)]
+        if not fits:
+            raise MaskingError(f"{name}: step {k} (message {step.message_index}) does not appear "
+                               f"verbatim in the chat template's output; the template rewrites "
+                               f"assistant turns, so its tokens cannot be located")
+        char_spans.append((pos, pos + len(fits[0])))
+        pos += len(fits[0])
+
+    # 3. what the template writes to close each turn: the rendering of the conversation that
+    #    ends with the turn agrees with the full one up to there
+    closings = []
+    for k, (step, (s, e)) in enumerate(zip(steps, char_spans)):
+        through = apply(chat[:step.message_index + offset + 1])
+        closings.append(e + len(os.path.commonprefix([text[e:], through[e:]]))
+                        if through[:e] == text[:e] else e)
 
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     specials = special_token_ids(tokenizer)
     step_spans = []
-    for k, (s, e) in enumerate(char_spans):
+    for k, ((s, e), closing) in enumerate(zip(char_spans, closings)):
         toks = [j for j, (a, b) in enumerate(offsets) if a < e and b > s and b > a]
         if not toks:
-            raise MaskingError(f"{_name(trajectory)}: step {k} has no tokens")
+            raise MaskingError(f"{name}: step {k} (message {steps[k].message_index}) is empty: "
+                               f"it has no tokens to supervise")
         start, end = toks[0], toks[-1] + 1
-        if end < len(ids) and ids[end] in specials:
-            end += 1  # the end-of-turn token: supervising it teaches the model to stop
+        if offsets[start][0] != s or offsets[end - 1][1] != e:
+            raise MaskingError(
+                f"{name}: step {k} (message {steps[k].message_index}) does not begin and end on "
+                f"token boundaries: a token spans the template's markup and the step "
+                f"({text[offsets[start][0]:offsets[end - 1][1]]!r})")
+        # the end-of-turn tokens: supervising them teaches the model to stop
+        while end < len(ids) and ids[end] in specials and offsets[end][1] <= closing:
+            end += 1
         step_spans.append((start, end))
     return TokenizedTrajectory(input_ids=list(ids), step_spans=step_spans, text=text)
 
 
+def _check_control_strings(trajectory, steps, tokenizer, policy: str) -> None:
+    if policy == "allow":
+        return
+    controls = special_token_strings(tokenizer)
+    for step in steps:
+        found = sorted(c for c in controls if c in step.message.content)
+        if not found:
+            continue
+        msg = (f"{_name(trajectory)}: step {step.index} (message {step.message_index}) contains "
+               f"the control string{'s' if len(found) > 1 else ''} {', '.join(found)} as text: it "
+               f"is tokenized as the control token, so the model learns to stop mid-step "
+               f"(data.special_tokens_in_text=error|warn|allow)")
+        if policy == "error":
+            raise MaskingError(msg)
+        log.warning(msg)
+
+
 def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
-           overflow: str = "drop_steps") -> Example:
+           overflow: str = "drop_steps", special_tokens_in_text: str = "warn") -> Example:
     """Build the masked example of a trajectory: labels only on its selected steps.
 
     Args:
@@ -167,10 +275,11 @@ def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
     Raises:
         MaskingError: the example would have no supervised token, or a step overflows with
             ``overflow="error"``.
+        special_tokens_in_text: See :func:`tokenize_steps`.
     """
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
-    tok = tokenize_steps(trajectory, tokenizer)
+    tok = tokenize_steps(trajectory, tokenizer, special_tokens_in_text)
     selected = trajectory.selected_steps
     dropped: list[int] = []
     if max_length is not None:
