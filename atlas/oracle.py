@@ -636,7 +636,13 @@ class APIOracle(Oracle):
         api_key(api_key_env, self.name, self.key_required)  # fail before any work
 
     def settings(self) -> dict[str, Any]:
-        return {"base_url": public_url(self.base_url), "max_tokens": self.max_tokens}
+        return {"base_url": self.endpoint(), "max_tokens": self.max_tokens}
+
+    def endpoint(self) -> str:
+        """The URL the SDK client actually talks to: ``oracle.base_url``, else what the SDK
+        reads from its own environment variable (``OPENAI_BASE_URL``, ``ANTHROPIC_BASE_URL``),
+        else the provider's default; without credentials or query string."""
+        return public_url(str(self.client.base_url)).rstrip("/")
 
     def _sdk(self):
         return importlib.import_module(self.sdk)

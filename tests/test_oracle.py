@@ -296,6 +296,26 @@ def test_answers_are_cached_per_endpoint_and_settings(keys, tmp_path, trajectori
     assert sig["base_url"] == a.url + "/v1" and sig["temperature"] == 0.0
 
 
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_endpoint_chosen_by_the_sdks_variable_is_part_of_the_key(keys, tmp_path, trajectories,
+                                                                 monkeypatch, provider):
+    """OPENAI_BASE_URL / ANTHROPIC_BASE_URL pick the server the SDK talks to: answers cached from
+    one server are never reused for another, and the record names the server asked."""
+    make, var, suffix = {"openai": (OpenAIOracle, "OPENAI_BASE_URL", "/v1"),
+                         "anthropic": (AnthropicOracle, "ANTHROPIC_BASE_URL", "")}[provider]
+    with FakeProvider() as a, FakeProvider() as b:
+        monkeypatch.setenv(var, a.url + suffix)
+        oracle = make(cache_dir=str(tmp_path), max_retries=1)
+        assert oracle.signature()["base_url"] == a.url + suffix
+        judge(oracle, trajectories[:2])
+        monkeypatch.setenv(var, b.url + suffix)
+        oracle = make(cache_dir=str(tmp_path), max_retries=1)
+        judgements = judge(oracle, trajectories[:2])
+        assert len(completions(a)) == 2 and len(completions(b)) == 2  # the second was asked
+        assert not any(j.cached for j in judgements)
+        assert oracle.signature()["base_url"] == b.url + suffix
+
+
 def test_rejected_requests_stop_the_run_and_bugs_are_not_hidden(fake, keys, tmp_path,
                                                                 trajectories):
     fake.script(*[{"status": 400}] * 3)
