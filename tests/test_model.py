@@ -1,7 +1,6 @@
 """The embedded default model: SmolLM2-135M-Instruct dequantized from the GGUF on PyPI."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -19,9 +18,13 @@ def test_embedded_model_converts_once_and_is_a_real_pretrained_model(tmp_path, m
     config = json.loads((path / "config.json").read_text())
     assert "quantization_config" not in config and config["num_hidden_layers"] == 30
     assert [p.name for p in path.parent.iterdir()] == [path.name]  # no leftover temp dir
-    t0 = time.time()
-    assert embedded_model_dir("smollm2-135m-instruct") == path  # cached: no second conversion
-    assert time.time() - t0 < 1.0
+    # cached: no second conversion (it would need the transformers model class)
+    import transformers
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", None)
+    assert embedded_model_dir("smollm2-135m-instruct") == path
+    monkeypatch.undo()
+    monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path))
 
     name = "embedded:smollm2-135m-instruct"
     tokenizer = load_tokenizer(name)
