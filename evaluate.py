@@ -10,14 +10,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from atlas.utils import refuse_secret_overrides
+from atlas.utils import one_line_errors, refuse_secret_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     from atlas.evaluation import run
 
-    run(cfg)
+    with one_line_errors():
+        run(cfg)
 
 
 if __name__ == "__main__":

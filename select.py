@@ -35,13 +35,14 @@ elif __name__ == "__main__":
     import hydra
     from omegaconf import DictConfig
 
-    from atlas.utils import refuse_secret_overrides
+    from atlas.utils import one_line_errors, refuse_secret_overrides
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="select")
     def main(cfg: DictConfig) -> None:
         from atlas.selection import run
 
-        run(cfg)
+        with one_line_errors():
+            run(cfg)
 
     refuse_secret_overrides(sys.argv[1:])
     main()

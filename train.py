@@ -10,14 +10,15 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from atlas.utils import ddp_child_argv, refuse_secret_overrides
+from atlas.utils import ddp_child_argv, one_line_errors, refuse_secret_overrides
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     from atlas.training import train
 
-    train(cfg)
+    with one_line_errors():
+        train(cfg)
 
 
 if __name__ == "__main__":

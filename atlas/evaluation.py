@@ -375,7 +375,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     single_log_handler()
     wandb_offline_by_default()
-    L.seed_everything(cfg.seed)
+    L.seed_everything(cfg.seed, verbose=False)
     model, tokenizer = load_agent(cfg.get("checkpoint"), cfg.model)
     model.to(resolve_device())
     logger = instantiate(cfg.logger) if cfg.get("logger") else None

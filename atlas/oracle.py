@@ -41,6 +41,7 @@ from pydantic import BaseModel, StrictInt, ValidationError
 from tqdm.auto import tqdm
 
 from atlas.data.trajectory import Trajectory
+from atlas.utils import UserError
 
 log = logging.getLogger(__name__)
 # the SDKs' HTTP client logs every request at INFO; retries and failures still show as warnings
@@ -77,7 +78,7 @@ class InvalidAnswer(ValueError):
     """An oracle answer that does not parse or breaks the rules of the prompt."""
 
 
-class OracleError(RuntimeError):
+class OracleError(UserError, RuntimeError):
     """A fault that stops the whole run (no key, wrong model, refused credentials)."""
 
 

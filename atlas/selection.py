@@ -42,10 +42,13 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from atlas.data.trajectory import Trajectory
+from atlas.utils import ConfigError, UserError
 
 log = logging.getLogger(__name__)
 
 ON_FAILURE = ("skip", "error")
+#: default share of trajectories whose selection may fail before a run stops
+MAX_FAILED_FRACTION = 0.2
 
 
 def draw(seed: int, trajectory: Trajectory) -> random.Random:
@@ -56,8 +59,8 @@ def draw(seed: int, trajectory: Trajectory) -> random.Random:
 
 def num_selected(ratio: float, num_steps: int) -> int:
     """The number of steps every ratio-based selector keeps: ``min(n, max(1, floor(ratio*n)))``."""
-    if not 0.0 < ratio <= 1.0:
-        raise ValueError(f"ratio must be in (0, 1], got {ratio!r}")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < ratio <= 1.0:
+        raise ConfigError(f"ratio must be a number in (0, 1], got {ratio!r}")
     if num_steps <= 0:
         return 0
     # the epsilon keeps 0.3 * 10 == 3, not 2.9999999999999996 -> 2
@@ -160,20 +163,29 @@ def saved_selections(trajectories: Sequence[Trajectory], saved: Sequence[Traject
     return out, ""
 
 
-def log_failures(selections: Sequence[Selection], on_failure: str = "skip") -> None:
-    """Say loudly which trajectories have no valid selection; raise under ``on_failure=error``."""
+class SelectionFailed(UserError, RuntimeError):
+    """Too many trajectories have no valid selection (the oracle's answers failed)."""
+
+
+def log_failures(selections: Sequence[Selection], on_failure: str = "skip",
+                 max_failed_fraction: float = 1.0, record: str = "the selection file") -> None:
+    """Say loudly which trajectories have no valid selection. Raise :class:`SelectionFailed`
+    under ``on_failure=error``, or when more than ``max_failed_fraction`` of them failed."""
     if on_failure not in ON_FAILURE:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        raise ConfigError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
     failed = [s for s in selections if not s.ok]
     if not failed:
         return
-    msg = (f"{len(failed)} of {len(selections)} trajectories have no valid selection (the "
-           f"oracle failed on them), e.g. {failed[0].trajectory_id}: {failed[0].error}")
+    msg = (f"the oracle's answers failed for {len(failed)} of {len(selections)} trajectories, "
+           f"e.g. {failed[0].trajectory_id}: {failed[0].error}")
+    retry = "answers already received are cached: run again to retry only the failed ones"
     if on_failure == "error":
-        raise RuntimeError(msg + "; they are recorded in the selection file. Answers already "
-                           "received are cached: run again to retry only these.")
+        raise SelectionFailed(f"{msg} (selector.on_failure=error); see {record}; {retry}")
+    if len(failed) > max_failed_fraction * len(selections):
+        raise SelectionFailed(f"{msg}: more than selector.max_failed_fraction="
+                              f"{max_failed_fraction}; see {record}; {retry}")
     log.error("%s. They are left out of training (selector.on_failure=skip) and recorded with "
-              "status 'failed' in the selection file.", msg)
+              "status 'failed' in %s.", msg, record)
 
 
 class Selector:
@@ -185,12 +197,18 @@ class Selector:
 
     name: str = "selector"
 
-    def __init__(self, ratio: float = 1.0, on_failure: str = "skip"):
+    def __init__(self, ratio: float = 1.0, on_failure: str = "skip",
+                 max_failed_fraction: float = MAX_FAILED_FRACTION):
         num_selected(ratio, 1)  # validates the ratio up front, before any work
         if on_failure not in ON_FAILURE:
-            raise ValueError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+            raise ConfigError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        if isinstance(max_failed_fraction, bool) or not isinstance(max_failed_fraction, (int, float)) \
+                or not 0.0 <= max_failed_fraction <= 1.0:
+            raise ConfigError(f"selector.max_failed_fraction must be a number in [0, 1], got "
+                              f"{max_failed_fraction!r}")
         self.ratio = ratio
         self.on_failure = on_failure
+        self.max_failed_fraction = max_failed_fraction
         self.last_run: dict[str, Any] = {}
 
     def signature(self) -> dict[str, Any]:
@@ -214,8 +232,13 @@ class Selector:
         out, or an error under ``on_failure=error``)."""
         trajectories = list(trajectories)
         selections = self.selections(trajectories)
-        log_failures(selections, self.on_failure)
+        self.check(selections)
         return apply_selections(trajectories, selections)
+
+    def check(self, selections: Sequence[Selection], record: str = "the selection file") -> None:
+        """Log the failed selections; raise :class:`SelectionFailed` when they are too many
+        (``max_failed_fraction``) or any under ``on_failure=error``."""
+        log_failures(selections, self.on_failure, self.max_failed_fraction, record)
 
     def choose(self, trajectory: Trajectory, candidates: list[int], k: int) -> list[int]:
         """Return at most k step indices out of ``candidates``."""
@@ -273,8 +296,9 @@ class RandomSelector(Selector):
 class OracleSelector(Selector):
     """A selector that asks an oracle (``conf/oracle/``) for each trajectory's critical steps."""
 
-    def __init__(self, oracle, ratio: float = 0.3, on_failure: str = "skip"):
-        super().__init__(ratio, on_failure)
+    def __init__(self, oracle, ratio: float = 0.3, on_failure: str = "skip",
+                 max_failed_fraction: float = MAX_FAILED_FRACTION):
+        super().__init__(ratio, on_failure, max_failed_fraction)
         self.oracle = oracle
 
     def signature(self):
@@ -313,8 +337,8 @@ class CriticalSelector(OracleSelector):
     name = "critical"
 
     def __init__(self, oracle, ratio: float = 0.3, on_failure: str = "skip",
-                 name: str | None = None):
-        super().__init__(oracle, ratio, on_failure)
+                 name: str | None = None, max_failed_fraction: float = MAX_FAILED_FRACTION):
+        super().__init__(oracle, ratio, on_failure, max_failed_fraction)
         self.name = name or self.name
 
     def selections(self, trajectories):
@@ -329,8 +353,9 @@ class NonCriticalSelector(OracleSelector):
 
     name = "noncritical"
 
-    def __init__(self, oracle, ratio: float = 0.3, seed: int = 0, on_failure: str = "skip"):
-        super().__init__(oracle, ratio, on_failure)
+    def __init__(self, oracle, ratio: float = 0.3, seed: int = 0, on_failure: str = "skip",
+                 max_failed_fraction: float = MAX_FAILED_FRACTION):
+        super().__init__(oracle, ratio, on_failure, max_failed_fraction)
         self.seed = seed
 
     def signature(self):
@@ -527,8 +552,8 @@ class HybridSelector(OracleSelector):
 
     def __init__(self, oracle, metric: ScoredSelector, ratio: float = 0.3,
                  weights: dict[str, float] | None = None, metric_weight: float = 0.5,
-                 on_failure: str = "skip"):
-        super().__init__(oracle, ratio, on_failure)
+                 on_failure: str = "skip", max_failed_fraction: float = MAX_FAILED_FRACTION):
+        super().__init__(oracle, ratio, on_failure, max_failed_fraction)
         from atlas.oracle import CRITERIA
 
         known = {c.lower().replace(" ", "_") for c in CRITERIA}
@@ -655,5 +680,5 @@ def run(cfg) -> dict[str, Any]:
              selector.name, s["trajectories"], s["steps_selected"], s["steps_budget"],
              s["failed"], s["criteria"] or "-")
     log.info("selection written to %s", files["selection"])
-    log_failures(selections, selector.on_failure)
+    selector.check(selections, str(out / "selection_summary.json"))
     return summary

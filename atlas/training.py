@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atlas.data.datamodule import load_trajectories, split_trajectories
 from atlas.model import load_model, load_tokenizer
-from atlas.selection import apply_selections, log_failures, select_steps, summarize, write_selection
+from atlas.selection import apply_selections, select_steps, summarize, write_selection
 from atlas.utils import (DDP_JOB_ENV, atomic_write, redact, single_log_handler,
                          wandb_offline_by_default)
 
@@ -165,7 +165,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         summary = {"duplicate_of": same, "ratio": cfg.ratio, "seed": cfg.seed}
         atomic_write(out / "train_summary.json", json.dumps(summary, indent=2))
         return summary
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     choices = _choices()
 
     if "deepspeed_stage_3" in str(cfg.trainer.get("strategy")):
@@ -190,7 +190,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     selection = apply_selections(train_t, selections)
     if rank_zero_only.rank == 0:  # DDP children run this function too
         write_selection(out, train_t, selections)
-    log_failures(selections, selector.on_failure)
+    # before loading anything more: a selection with too few trajectories left stops here
+    selector.check(selections, str(selection_file))
 
     # 3. masked examples (chat template, labels only on the selected steps)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)

@@ -7,9 +7,11 @@ import json
 import logging
 import os
 import re
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 PKG_PREFIX = "pkg://"
 
@@ -17,6 +19,46 @@ PKG_PREFIX = "pkg://"
 SECRET_KEY = re.compile(r"(api[_-]?key|secret|password|token)$", re.IGNORECASE)
 # Values that look like provider keys, wherever they appear.
 SECRET_VALUE = re.compile(r"\b(sk-[A-Za-z0-9_\-]{8,}|sk-ant-[A-Za-z0-9_\-]{8,})")
+
+
+class UserError(Exception):
+    """An error in the user's input or config (a file, a line, a config key), not a bug: the
+    entry points print it as one line, without a traceback (:func:`one_line_errors`)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A config value that cannot work; the message names the config key."""
+
+
+def user_error(error: BaseException) -> UserError | None:
+    """The :class:`UserError` behind ``error`` (itself, or a cause that Hydra's instantiate or
+    another layer wrapped), if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, UserError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """Errors caused by the user's input or config end the run with one line on stderr and
+    exit status 1; bugs keep their traceback, and so does everything under
+    ``HYDRA_FULL_ERROR=1``. What finished before the error stays on disk."""
+    try:
+        yield
+    except Exception as e:
+        err = user_error(e)
+        if err is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        message = str(err).strip()
+        record = logging.LogRecord("atlas", logging.ERROR, __file__, 0, message, None, None)
+        for handler in logging.getLogger().handlers:  # the job's log file (the console gets
+            if isinstance(handler, logging.FileHandler):  # the line below, once)
+                handler.handle(record)
+        raise SystemExit(f"error: {message}") from None
 
 
 def resolve_path(path: str | Path) -> Path:

@@ -130,8 +130,9 @@ def test_text_cannot_fool_the_masks(family, case):
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_empty_step_is_an_error_naming_it(family):
     t = Trajectory("empty", "e", [Message("user", "x"), Message("assistant", "go"),
-                                  Message("user", "y"), Message("assistant", "")],
+                                  Message("user", "y"), Message("assistant", "stop")],
                    meta={"source": "d.jsonl:3"})
+    t.messages[3].content = ""  # readers refuse an empty turn; masks refuse one made later
     with pytest.raises(MaskingError, match=r"trajectory empty \(d.jsonl:3\): step 1 .*empty"):
         tokenize_steps(t, family_tokenizer(family))
 

@@ -137,14 +137,15 @@ def test_out_of_range_twice_is_a_recorded_failure_never_a_substitute(fake, keys,
     bad = {"answer": {"plan": "p", "subgoals": [], "critical_steps": [
         {"step": 99, "criterion": "Critical Action", "reason": "r"}]}}
     fake.script(bad, bad)
-    selector = CriticalSelector(openai(fake, tmp_path, concurrency=1), ratio=0.3)
+    selector = CriticalSelector(openai(fake, tmp_path, concurrency=1), ratio=0.3,
+                                max_failed_fraction=0.5)
     selections = selector.selections(trajectories[:2])
     assert selections[0].status == "failed" and selections[0].steps == []
     assert "out of range" in selections[0].error and selections[1].ok
     assert "oracle openai failed on trajectory" in caplog.text
     kept = selector.select(trajectories[:2])  # cached: no new requests
     assert [t.id for t in kept] == [trajectories[1].id] and len(completions(fake)) == 3
-    with pytest.raises(RuntimeError, match="1 of 2 trajectories have no valid selection"):
+    with pytest.raises(RuntimeError, match="answers failed for 1 of 2 trajectories"):
         CriticalSelector(openai(fake, tmp_path), ratio=0.3, on_failure="error").select(trajectories[:2])
 
 

@@ -18,9 +18,9 @@ def test_k_is_at_most_ratio_but_at_least_one(ratio, n, k):
     assert num_selected(ratio, n) == k
 
 
-@pytest.mark.parametrize("ratio", [0, -0.1, 1.5])
+@pytest.mark.parametrize("ratio", [0, -0.1, 1.5, "abc", None, True])
 def test_bad_ratio_is_refused_up_front(ratio):
-    with pytest.raises(ValueError, match="ratio must be in"):
+    with pytest.raises(ValueError, match=r"ratio must be a number in \(0, 1\]"):
         RandomSelector(ratio=ratio)
 
 

@@ -19,6 +19,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 from atlas.data.formats import read_trajectories
 from atlas.data.masking import IGNORE_INDEX, Example, MaskingError, StepOverflowError, encode
 from atlas.data.trajectory import Trajectory
+from atlas.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,12 @@ def load_trajectories(files: Sequence[str], format: str = "auto", env: str | Non
     if isinstance(files, str):
         files = [files]
     if not files:
-        raise ValueError("data.files is empty: give at least one trajectory file")
+        raise ConfigError("data.files is empty: give at least one trajectory file")
     per_file = [read_trajectories(f, format=format, env=env) for f in files]
     out = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
     dup = [i for i, n in Counter(t.id for t in out).items() if n > 1]
     if dup:
-        raise ValueError(f"trajectory ids repeat across data.files: {dup[:5]}")
+        raise ConfigError(f"data.files: trajectory ids repeat across files: {dup[:5]}")
     return out if limit is None else out[:limit]
 
 
@@ -50,7 +51,7 @@ def split_trajectories(trajectories: Sequence[Trajectory], val_fraction: float
     ratio and seed of a sweep is validated on the same trajectories.
     """
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {val_fraction!r}")
     n_val = int(round(len(trajectories) * val_fraction))
     order = sorted(trajectories, key=lambda t: hashlib.sha1(t.id.encode()).hexdigest())
     val_ids = {t.id for t in order[:n_val]}

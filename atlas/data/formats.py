@@ -29,19 +29,19 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from atlas.data.trajectory import Message, Trajectory
-from atlas.utils import atomic_write, resolve_path
+from atlas.utils import ConfigError, UserError, atomic_write, resolve_path
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("atlas", "agentgym", "openai", "sharegpt")
 
 
-class DataFormatError(ValueError):
+class DataFormatError(UserError, ValueError):
     """Malformed trajectory input, located by file, line (or record) and field."""
 
-    def __init__(self, path: str | Path, where: str, field: str | None, message: str):
+    def __init__(self, path: str | Path, where: str | None, field: str | None, message: str):
         self.path, self.where, self.field = str(path), where, field
-        loc = f"{path}:{where}" + (f": field '{field}'" if field else "")
+        loc = f"{path}" + (f":{where}" if where else "") + (f": field '{field}'" if field else "")
         super().__init__(f"{loc}: {message}")
 
 
@@ -235,7 +235,19 @@ def detect_format(record: dict) -> str:
 
 def _records(path: Path) -> Iterable[tuple[str, int, Any]]:
     """Yield (location, index, record) from a JSONL file or a JSON array file."""
-    text = path.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataFormatError(path, None, None, "no such file") from None
+    except IsADirectoryError:
+        raise DataFormatError(path, None, None, "is a directory, not a trajectory file") from None
+    except OSError as e:
+        raise DataFormatError(path, None, None, f"cannot be read: {e.strerror}") from None
+    try:
+        text = data.decode("utf-8-sig")  # tolerate a byte-order mark
+    except UnicodeDecodeError as e:
+        raise DataFormatError(path, f"byte {e.start}", None, "not UTF-8 text (a binary file?); "
+                              "expected JSONL or a JSON array of trajectories") from None
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -270,7 +282,8 @@ def read_trajectories(path: str | Path, format: str = "auto", env: str | None = 
     """
     path = resolve_path(path)
     if format != "auto" and format not in _READERS:
-        raise ValueError(f"unknown trajectory format {format!r}; expected auto or one of {FORMATS}")
+        raise ConfigError(f"data.format: unknown trajectory format {format!r}; expected auto or "
+                          f"one of {', '.join(FORMATS)}")
     out, seen = [], {}
     for where, index, rec in _records(path):
         try:
@@ -280,6 +293,8 @@ def read_trajectories(path: str | Path, format: str = "auto", env: str | None = 
             t = _READERS[fmt](rec, {"stem": path.stem, "index": index, "env": env})
         except _FieldError as e:
             raise DataFormatError(path, where, e.field, str(e)) from None
+        except ValueError as e:  # a Message / Trajectory invariant (no steps, a bad role...)
+            raise DataFormatError(path, where, None, str(e)) from None
         if t.id in seen:
             raise DataFormatError(path, where, "id", f"duplicate trajectory id {t.id!r} "
                                                      f"(first at {seen[t.id]})")
@@ -287,7 +302,7 @@ def read_trajectories(path: str | Path, format: str = "auto", env: str | None = 
         t.meta.setdefault("source", f"{path.name}:{where}")
         out.append(t)
     if not out:
-        raise DataFormatError(path, "1", None, "no trajectories in file")
+        raise DataFormatError(path, None, None, "no trajectories in file")
     return out
 
 

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from jinja2 import TemplateError
 
 from atlas.data.trajectory import Trajectory
+from atlas.utils import UserError
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,7 @@ OVERFLOW = ("drop_steps", "error")
 SPECIAL_TOKENS_IN_TEXT = ("error", "warn", "allow")
 
 
-class MaskingError(ValueError):
+class MaskingError(UserError, ValueError):
     """A trajectory cannot be turned into a training example."""
 
 
