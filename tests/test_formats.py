@@ -1,11 +1,13 @@
 """Readers and writers: round trips on real files, file:line:field errors, atomic writes."""
 
 import json
+import re
 
 import pytest
 
 from atlas.data import DataFormatError, Message, Trajectory, read_trajectories, write_trajectories
 from atlas.data.formats import FORMATS
+from conftest import ROOT
 
 REAL_FILES = [  # (file under ../shared/data, format)
     ("fireact/hotpotqa.jsonl", "openai"),
@@ -189,3 +191,33 @@ def test_packaged_default_data_reads(tmp_path):
     trajs = read_trajectories("pkg://atlas/data/fireact/fireact_hotpotqa.jsonl")
     assert len(trajs) == 100 and trajs[0].env == "fireact_hotpotqa"
     assert trajs[0].messages[1].content.startswith("Thought:")
+
+
+@pytest.mark.parametrize("fmt", ["openai", "sharegpt"])
+def test_missing_ids_come_from_the_content_not_the_file_name(tmp_path, fmt):
+    """Renaming or re-exporting a file, or selecting other steps, keeps the ids (and so the
+    validation split); files that give ids keep theirs; identical records stay distinct."""
+    from atlas.data.datamodule import split_trajectories
+
+    trajs = read_trajectories(ROOT / "atlas" / "data" / "default" / "wordle.jsonl")[:20]
+    trajs.append(trajs[0])  # the same text twice in one file
+    a = write_trajectories(tmp_path / "a.jsonl", trajs, fmt)
+    records = [json.loads(line) for line in a.read_text().splitlines()]
+    a.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "id"}) + "\n"
+                         for r in records))  # sharegpt records often have none
+    first = read_trajectories(a, format=fmt)
+    renamed = a.rename(tmp_path / "renamed_export.jsonl")
+    second = read_trajectories(renamed, format=fmt)
+    ids = [t.id for t in first]
+    assert ids == [t.id for t in second]
+    assert len(set(ids)) == len(ids) and ids[-1] == ids[0] + "-2"
+    assert all(re.fullmatch(r"t-[0-9a-f]{12}(-\d+)?", i) for i in ids)
+    assert ([t.id for t in split_trajectories(first, 0.25)[1]]
+            == [t.id for t in split_trajectories(second, 0.25)[1]])
+    if fmt == "openai":  # another selection of the same text: same id
+        other = [t.with_selection(t.selected_steps[:1]) for t in trajs]
+        b = write_trajectories(tmp_path / "b.jsonl", other, fmt)
+        assert [t.id for t in read_trajectories(b, format=fmt)] == ids
+    # files that give ids keep them
+    given = write_trajectories(tmp_path / "given.jsonl", trajs[:3], "atlas")
+    assert [t.id for t in read_trajectories(given)] == [t.id for t in trajs[:3]]

@@ -213,7 +213,7 @@ def test_template_refusal_names_the_trajectory_and_its_source(tmp_path):
                                              {"role": "user", "content": "q2"},
                                              {"role": "assistant", "content": "a"}]}) + "\n")
     [t] = read_trajectories(path)
-    with pytest.raises(MaskingError, match=r"trajectory t-0 \(t.jsonl:1\): the chat template refuses"
+    with pytest.raises(MaskingError, match=r"trajectory t-[0-9a-f]{12} \(t.jsonl:1\): the chat template refuses"
                                            r".*roles must alternate"):
         encode(t, family_tokenizer("gemma"))
 

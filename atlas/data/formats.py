@@ -17,12 +17,15 @@ Formats (``format=`` in configs and functions):
 - ``sharegpt``: ``{"id"?, "system"?, "conversations": [{"from", "value"}]}``. It has no way to
   record a selection: every step reads as selected, and writing a partial selection warns.
 
-Every reader names the file, the line (or record) and the field of malformed input; every writer
-writes atomically, so a crash never leaves a half-written file.
+A record without an id (``openai`` always, ``sharegpt`` often) gets ``t-<hash of its text>``, so
+its id, and the validation split chosen by hashing ids, do not move when the file is renamed or
+re-exported. Every reader names the file, the line (or record) and the field of malformed input;
+every writer writes atomically, so a crash never leaves a half-written file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from pathlib import Path
@@ -109,6 +112,17 @@ def _trajectory(**kwargs) -> Trajectory:
         raise _FieldError(None, str(e)) from None
 
 
+def _content_id(ctx: dict, system: str | None, messages: list[Message]) -> str:
+    """The id of a record that gives none: a hash of its text (system prompt and turns, not
+    which steps are selected), so renaming or re-exporting a file, or selecting other steps,
+    keeps it, and the validation split (a hash of the ids) stays put. Identical records in
+    one file get ``-2``, ``-3``... in file order."""
+    payload = json.dumps([system, [(m.role, m.content) for m in messages]], ensure_ascii=False)
+    tid = "t-" + hashlib.sha256(payload.encode()).hexdigest()[:12]
+    n = ctx["content_ids"][tid] = ctx["content_ids"].get(tid, 0) + 1
+    return tid if n == 1 else f"{tid}-{n}"
+
+
 # --------------------------------------------------------------------------------------- atlas
 
 
@@ -177,7 +191,7 @@ def _from_openai(rec: dict, ctx: dict) -> Trajectory:
             system = content
             continue
         messages.append(_message(role, content, None if weight is None else bool(weight), f + ".role"))
-    return _trajectory(id=f"{ctx['stem']}-{ctx['index']}", env=ctx["env"] or ctx["stem"],
+    return _trajectory(id=_content_id(ctx, system, messages), env=ctx["env"] or ctx["stem"],
                        messages=messages, system=system)
 
 
@@ -201,7 +215,7 @@ def _from_sharegpt(rec: dict, ctx: dict) -> Trajectory:
     system, messages = _conversations(rec, _SHAREGPT_ROLES, with_loss=False,
                                       system=_opt(rec, "system", str))
     tid = _opt(rec, "id", (str, int))
-    return _trajectory(id=str(tid) if tid is not None else f"{ctx['stem']}-{ctx['index']}",
+    return _trajectory(id=str(tid) if tid is not None else _content_id(ctx, system, messages),
                        env=ctx["env"] or ctx["stem"], messages=messages, system=system)
 
 
@@ -284,13 +298,14 @@ def read_trajectories(path: str | Path, format: str = "auto", env: str | None = 
     if format != "auto" and format not in _READERS:
         raise ConfigError(f"data.format: unknown trajectory format {format!r}; expected auto or "
                           f"one of {', '.join(FORMATS)}")
-    out, seen = [], {}
+    out, seen, content_ids = [], {}, {}
     for where, index, rec in _records(path):
         try:
             if not isinstance(rec, dict):
                 raise _FieldError(None, f"expected a JSON object, got {type(rec).__name__}")
             fmt = detect_format(rec) if format == "auto" else format
-            t = _READERS[fmt](rec, {"stem": path.stem, "index": index, "env": env})
+            t = _READERS[fmt](rec, {"stem": path.stem, "index": index, "env": env,
+                                    "content_ids": content_ids})
         except _FieldError as e:
             raise DataFormatError(path, where, e.field, str(e)) from None
         except ValueError as e:  # a Message / Trajectory invariant (no steps, a bad role...)
