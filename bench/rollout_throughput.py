@@ -110,6 +110,8 @@ def play(model, tokenizer, env_cfgs, args, mode: str) -> dict:
             "seconds": round(seconds, 1), "episodes_per_s": len(done) / seconds,
             "generated_tokens_per_s": generated / seconds,
             "success": sum(e.success for e in done),
+            "success_by_env": {n: f"{sum(e.success for e in done if e.trajectory.env == n)}/"
+                                  f"{sum(e.trajectory.env == n for e in done)}" for n in env_cfgs},
             "invalid_actions": sum(e.invalid for e in done),
             "prefill_s": round(clock.prefill, 1), "decode_s": round(clock.decode, 1),
             "env_s": round(totals["env"], 1),
@@ -177,6 +179,9 @@ def main() -> None:
               f"{r['other_s']:>8.1f}{r['decode_rows']:>12}"
               f"{100 * (r['generated_tokens'] - r['turns']) / max(r['decode_rows'], 1):>6.0f}%"
               f"{r['episodes_per_s'] / base:>7.1f}x")
+    print("success by environment: " + "; ".join(
+        f"{r['mode']}: " + ", ".join(f"{n} {v}" for n, v in r["success_by_env"].items())
+        for r in rows))
 
 
 if __name__ == "__main__":

@@ -107,9 +107,14 @@ def _message(role: str, content: str, selected: bool | None, field: str, **extra
 
 def _trajectory(**kwargs) -> Trajectory:
     try:
-        return Trajectory(**kwargs)
+        t = Trajectory(**kwargs)
     except ValueError as e:
         raise _FieldError(None, str(e)) from None
+    for step in t.steps:  # caught here, with the file and line, not mid-run in the masks
+        if not step.message.content.strip():
+            raise _FieldError(None, f"step {step.index} (message {step.message_index}) is an "
+                                    f"empty assistant turn: it has no tokens to supervise")
+    return t
 
 
 def _content_id(ctx: dict, system: str | None, messages: list[Message]) -> str:

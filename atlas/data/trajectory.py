@@ -81,10 +81,6 @@ class Trajectory:
             raise ValueError("a trajectory needs at least one message")
         if not any(m.role == "assistant" for m in self.messages):
             raise ValueError("a trajectory needs at least one assistant turn (step)")
-        for k, i in enumerate(i for i, m in enumerate(self.messages) if m.role == "assistant"):
-            if not self.messages[i].content.strip():
-                raise ValueError(f"step {k} (message {i}) is an empty assistant turn: it has no "
-                                 f"tokens to supervise")
 
     @property
     def steps(self) -> list[Step]:
