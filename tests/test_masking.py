@@ -255,3 +255,14 @@ def test_step_with_surrounding_whitespace_keeps_its_end_of_turn(family):
     t = Trajectory("w", "e", [Message("user", "where?"), Message("assistant", "go north \n")])
     rendered = t.steps[0].message.content if family == "chatml_smollm2" else "go north"
     assert supervised_runs(encode(t, tok), tok) == [rendered + FAMILIES[family][3]]
+
+
+def test_special_tokens_in_text_is_a_data_setting(tmp_path):
+    from hydra.utils import instantiate
+
+    from conftest import compose_train
+
+    for value in ("error", "allow"):
+        cfg = compose_train(tmp_path, f"data.special_tokens_in_text={value}")
+        loader = instantiate(cfg.data.loader, _partial_=True)(train=[], val=[], tokenizer=None)
+        assert loader.special_tokens_in_text == value
