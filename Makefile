@@ -47,8 +47,8 @@ data: install  ## regenerate atlas/data/default/*.jsonl from the environments' e
 	  $(BIN)/python -m atlas.data.generate env=$$env n=100 mistake_fraction=0.2 seed=0 \
 	    output=atlas/data/default/$$env.jsonl || exit 1; done
 
-bench-rollout: install  ## episodes/s of batched vs one-at-a-time rollouts (~5 min)
-	$(BIN)/python bench/rollout_throughput.py --no-cache-mode
+bench-rollout: install  ## episodes/s and where rollout time goes: one-at-a-time, batched, segmented (~8 min)
+	$(BIN)/python bench/rollout_throughput.py
 
 bench-steps: install  ## cost of the step-level evaluation of the default suite (base SmolLM2-135M; CHECKPOINT=<run>/model for a trained one)
 	$(BIN)/python bench/step_eval.py $(if $(CHECKPOINT),--checkpoint $(CHECKPOINT))
