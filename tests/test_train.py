@@ -121,7 +121,7 @@ def test_loss_average_and_bad_values_are_checked(tmp_path):
     # Hydra wraps errors raised while instantiating; the message is the user's
     with pytest.raises(Exception, match="loss_average must be one of"):
         train(compose_train(tmp_path / "x", "module.loss_average=mean"))
-    with pytest.raises(Exception, match="ratio must be in"):
+    with pytest.raises(Exception, match=r"ratio must be a number in \(0, 1\]"):
         train(compose_train(tmp_path / "y", "selector=random", "ratio=0"))
 
 
