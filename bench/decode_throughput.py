@@ -27,16 +27,11 @@ def main() -> None:
 
     from atlas.model import load_model
 
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    for _ in range(3):
-        a @ b
-    t0 = time.perf_counter()
-    for _ in range(10):
-        a @ b
-    gflops = 2 * 2048 ** 3 / ((time.perf_counter() - t0) / 10) / 1e9
+    from rollout_throughput import matmul_ceiling  # bench/, beside this script
+
     model = load_model(args.model).eval()
     params = sum(p.numel() for p in model.parameters())
-    ceiling = gflops * 1e9 / (2 * params)
+    gflops, ceiling = matmul_ceiling(model)
     print(f"fp32 matmul: {gflops:.0f} GFLOP/s on {torch.get_num_threads()} threads; "
           f"{params / 1e6:.0f}M parameters -> compute-bound ceiling {ceiling:.0f} tokens/s")
     rows = []
