@@ -95,23 +95,21 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, str]], int]:
-    """The messages the chat template accepts, and the index of ``trajectory.messages[0]`` in
-    them. Templates that refuse a system role (Gemma, Mistral) get the system prompt folded into
-    the first user turn, the way those model families are prompted."""
+def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, str]], int, str]:
+    """The messages the chat template accepts, the index of ``trajectory.messages[0]`` in
+    them, and their rendering. Templates that refuse a system role (Gemma, Mistral) get the
+    system prompt folded into the first user turn, the way those model families are prompted."""
     chat = trajectory.chat()
     offset = len(chat) - len(trajectory.messages)
     try:
         try:
-            tokenizer.apply_chat_template(chat, tokenize=False)
-            return chat, offset
+            return chat, offset, tokenizer.apply_chat_template(chat, tokenize=False)
         except TemplateError:
             if chat[0]["role"] != "system" or len(chat) < 2 or chat[1]["role"] != "user":
                 raise
             folded = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}]
             folded += chat[2:]
-            tokenizer.apply_chat_template(folded, tokenize=False)
-            return folded, 0
+            return folded, 0, tokenizer.apply_chat_template(folded, tokenize=False)
     except TemplateError as e:
         raise MaskingError(f"{_name(trajectory)}: the chat template refuses this conversation: "
                            f"{e}") from None
@@ -119,8 +117,7 @@ def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, st
 
 def render(trajectory: Trajectory, tokenizer) -> str:
     """The trajectory rendered by the tokenizer's chat template."""
-    chat, _ = _rendered_chat(trajectory, tokenizer)
-    return tokenizer.apply_chat_template(chat, tokenize=False)
+    return _rendered_chat(trajectory, tokenizer)[2]
 
 
 def _name(trajectory: Trajectory) -> str:
@@ -171,9 +168,8 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
     if not getattr(tokenizer, "is_fast", False):
         raise MaskingError("per-step masks need a fast tokenizer (character offsets)")
     name = _name(trajectory)
-    chat, offset = _rendered_chat(trajectory, tokenizer)
+    chat, offset, text = _rendered_chat(trajectory, tokenizer)
     apply = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
-    text = apply(chat)
     steps = trajectory.steps
     _check_control_strings(trajectory, steps, tokenizer, special_tokens_in_text)
 
