@@ -79,6 +79,13 @@ class Episode:
                 "error": self.error, "seconds": round(self.seconds, 3)}
 
 
+def has_sliding_window(model) -> bool:
+    """Whether some attention layers of ``model`` see only a window of recent tokens."""
+    text = model.config.get_text_config(decoder=True)
+    return "sliding_attention" in (getattr(text, "layer_types", None) or ()) or bool(
+        getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
+
+
 class ActionLineStop:
     """Stops a row once its response holds a complete ``Action:`` line.
 
@@ -132,9 +139,7 @@ class Policy:
         self.segment = segment
         # Sliding-window layers (Gemma, Mistral v0.1) keep a rolling window, not absolute
         # positions, so a cached prefix cannot be re-inserted into them.
-        text_config = model.config.get_text_config(decoder=True)
-        sliding = "sliding_attention" in (getattr(text_config, "layer_types", None) or ()) or bool(
-            getattr(text_config, "sliding_window", None) and getattr(text_config, "use_sliding_window", True))
+        sliding = has_sliding_window(model)
         if reuse_cache and sliding:
             log.warning("the model has sliding-window attention: KV cache reuse across turns is off")
         self.reuse_cache = reuse_cache and not sliding

@@ -99,15 +99,18 @@ def _items(tmp_path, mistake_fraction=1.0, tasks=2):
     return items
 
 
-@pytest.mark.parametrize("segment", [None, 5])
+@pytest.mark.parametrize("engine", ["shared_prefix", "policy", "policy_segments"])
 def test_shared_cache_scoring_equals_scoring_each_step_alone(chatty_model, tokenizer, tmp_path,
-                                                             segment):
-    """Every step's greedy turn and NLL, computed from its trajectory's one teacher-forced pass
-    in batches of mixed lengths (and in segments that finished rows leave), equal a fresh
-    computation of that step alone, in one go."""
+                                                             engine):
+    """Every step's greedy turn and NLL, computed from its trajectory's one teacher-forced pass,
+    equal a fresh computation of that step alone, in one go: with the shared-prefix decoder
+    (3 slots refilled as rows finish), and with the batched ``Policy`` in batches of mixed
+    lengths (and in segments that finished rows leave)."""
     items = _items(tmp_path)
+    policy = None if engine == "shared_prefix" else Policy(
+        chatty_model, tokenizer, max_new_tokens=12, segment=5 if engine == "policy_segments" else None)
     records = step_eval.score(chatty_model, tokenizer, items, batch_size=3, max_new_tokens=12,
-                              chunk_steps=5, segment=segment)
+                              chunk_steps=5, policy=policy)
     alone = Policy(chatty_model, tokenizer, max_new_tokens=12, reuse_cache=False)
     by_id = {t.id: t for t, *_ in items}
     expected = sum(len(step_eval.scored_steps(t)) for t in by_id.values())
@@ -128,6 +131,45 @@ def test_shared_cache_scoring_equals_scoring_each_step_alone(chatty_model, token
             logits = chatty_model(input_ids=torch.tensor([tok.input_ids])).logits[0]
         nll = torch.nn.functional.cross_entropy(logits[s - 1:e - 1], torch.tensor(tok.input_ids[s:e]))
         assert r["nll"] == pytest.approx(float(nll), abs=1e-3)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_prefix_decoder_equals_generating_each_prompt_alone(chatty_model, tokenizer, lora):
+    """Prompts that leave their cached history early (many tokens of their own: the row slots
+    grow), late, or not at all, decoded 2 at a time with refills, give the tokens of plain
+    greedy generation; a LoRA-wrapped model too."""
+    from peft import LoraConfig, get_peft_model
+
+    model = chatty_model
+    if lora:
+        model = get_peft_model(chatty_model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    assert step_eval.SharedPrefixDecoder.supports(model)
+    g = torch.Generator().manual_seed(1)
+    history = torch.randint(5, 4000, (40,), generator=g).tolist()
+    other = torch.randint(5, 4000, (30,), generator=g).tolist()
+    prompts = [history[:10] + other[:12], history[:39], history[:25] + other[:1], history[:3]]
+    alone = Policy(model, tokenizer, max_new_tokens=6, reuse_cache=False)
+    with torch.no_grad():
+        kv = model(input_ids=torch.tensor([history]), use_cache=True).past_key_values
+    kv = [(layer.keys[0], layer.values[0]) for layer in kv.layers]
+    decoder = step_eval.SharedPrefixDecoder(model, tokenizer, max_new_tokens=6, slots=2,
+                                            stop=alone.stop, pad=alone.pad)
+    out = decoder.decode([("h", history, kv, prompts), ("h2", history, kv, prompts[:1])])
+    for j, p in enumerate(prompts):
+        assert out[("h", j)] == alone.generate([p])[0], j
+    assert out[("h2", 0)] == out[("h", 0)]
+    assert decoder.reused_tokens == 10 + 38 + 25 + 2 + 10  # >= 1 token of each prompt is fed
+    if lora:
+        model.unload()
+
+
+def test_models_with_sliding_windows_are_decoded_by_the_policy():
+    mistral = load_model(config={"model_type": "mistral", "vocab_size": 64, "hidden_size": 16,
+                                 "intermediate_size": 32, "num_hidden_layers": 1,
+                                 "num_attention_heads": 2, "num_key_value_heads": 1,
+                                 "sliding_window": 8})
+    assert not step_eval.SharedPrefixDecoder.supports(mistral)
 
 
 class ScriptedPolicy(Policy):
