@@ -30,7 +30,7 @@ from atlas.envs.base import Environment, Task
 
 log = logging.getLogger(__name__)
 
-ACTION = re.compile(r"^[ \t]*Action[ \t]*:[ \t]*(.*?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+ACTION = re.compile(r"\baction[ \t]*:", re.IGNORECASE)
 FORMAT_HINT = ("Invalid response: no action found. Answer with two lines:\n"
                "Thought: <your reasoning>\nAction: <your action>")
 
@@ -38,10 +38,16 @@ FORMAT_HINT = ("Invalid response: no action found. Answer with two lines:\n"
 def parse_action(text: str) -> str | None:
     """The action of an agent turn ("Thought: ...\\nAction: go north"), or None.
 
-    The last non-empty ``Action:`` line wins: a model may restate the format before answering.
+    The last line with a non-empty ``Action:`` wins (a model may restate the format before
+    answering), and within a line the text after its last ``Action:``: "Thought: Action: go
+    forward" is "go forward", as AgentGym's clients read it (they search for "Action:"
+    anywhere, not at the start of a line).
     """
-    actions = [a for a in ACTION.findall(text) if a]
-    return actions[-1] if actions else None
+    for line in reversed(text.splitlines()):
+        ends = [m.end() for m in ACTION.finditer(line)]
+        if ends and (action := line[ends[-1]:].strip()):
+            return action
+    return None
 
 
 @dataclass

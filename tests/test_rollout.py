@@ -28,6 +28,10 @@ from conftest import CONF, ROOT
     ("I will go north.", None),
     ("Thought: hmm\nAction:", None),
     ("Thought: hmm\nAction:\nThought: still thinking", None),  # an empty action is no action
+    ("Thought: Action: go forward", "go forward"),  # on the thought's line, as AgentGym reads it
+    ("Thought: go on.  ACTION :  turn left", "turn left"),
+    ("Thought: a chain reaction: none", None),  # a word that ends in "action" is not the label
+    ("Action: first\nThought: no, better\nAction:", "first"),
     ("", None),
 ])
 def test_parse_action(text, action):
