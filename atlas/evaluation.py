@@ -273,7 +273,7 @@ def _step_evaluation(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
         _write_jsonl(cached, records)
     elif base_model is not None and cfg.get("baseline"):
         if cached.exists():
-            base = read_jsonl(cached)
+            base = step_eval.rescore(read_jsonl(cached), items)
             log.info("base model's step records from the cache: %s", cached)
         else:
             from atlas.model import load_model, resolve_device

@@ -503,14 +503,27 @@ def _attention(q, k, v, mask, scale):
     return torch.einsum("bhqk,bhkd->bhqd", (s - lse[..., None]).exp(), v), lse
 
 
+def _judge(t: Trajectory, canonical: Callable, step: int, response: str) -> dict[str, Any]:
+    """The model's action against the expert's, both as the environment's parser reads them."""
+    expert = canonical(parse_action(t.steps[step].message.content))
+    action = canonical(parse_action(response))
+    return {"expert_action": expert, "action": action,
+            "correct": action is not None and action == expert}
+
+
 def _record(item: _Trajectory, step: int, response: str) -> dict[str, Any]:
     t = item.trajectory
-    expert = item.canonical(parse_action(t.steps[step].message.content))
-    action = item.canonical(parse_action(response))
     return {"env": t.env, "group": item.group, "task": t.id, "step": step,
-            "criterion": item.criteria.get(step, UNMARKED), "expert_action": expert,
-            "action": action, "correct": action is not None and action == expert,
+            "criterion": item.criteria.get(step, UNMARKED),
+            **_judge(t, item.canonical, step, response),
             "nll": round(item.nll[step], 5), "response": response}
+
+
+def rescore(records: list[dict[str, Any]], items) -> list[dict[str, Any]]:
+    """Cached records judged again with today's parsers: a cache keeps a model's turns (what
+    costs minutes), not the verdicts of the action parser it was written under."""
+    by_id = {t.id: (t, canonical) for t, _, canonical, _ in items}
+    return [{**r, **_judge(*by_id[r["task"]], r["step"], r["response"])} for r in records]
 
 
 def _prompts(policy: Policy, t: Trajectory) -> list[list[int]]:

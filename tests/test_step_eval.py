@@ -254,6 +254,17 @@ def test_evaluate_writes_steps_and_compares_with_the_cached_base_model(chatty_mo
     again = evaluate(chatty_model, tokenizer, eval_cfg, tmp_path / "b", base_model=base_cfg)
     assert again["baseline"]["steps"] == results["baseline"]["steps"]
     assert (tmp_path / "b" / "steps_base.jsonl").read_text() == (tmp_path / "a" / "steps_base.jsonl").read_text()
+    # cached turns are judged again with today's parser, not with the verdicts stored beside them
+    cached = next((cache / "step_eval").glob("base-*.jsonl"))
+    stale = [json.loads(line) for line in cached.read_text().splitlines()]
+    first = stale[0]
+    expert = first["expert_action"]
+    stale[0] = {**first, "response": "Thought: the expert's move. Action: " + str(expert),
+                "action": None, "correct": False}
+    cached.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    third = evaluate(chatty_model, tokenizer, eval_cfg, tmp_path / "c", base_model=base_cfg)
+    rescored = json.loads((tmp_path / "c" / "steps_base.jsonl").read_text().splitlines()[0])
+    assert rescored["correct"] and rescored["action"] == expert
 
 
 def test_bad_step_config_is_named(tmp_path, cache):
