@@ -247,7 +247,7 @@ class _RowCache:
             self.keys.append(None)
             self.values.append(None)
         if self.keys[layer_idx] is None:
-            shape = (d.slots, key_states.shape[1], d.capacity, key_states.shape[3])
+            shape = (key_states.shape[0], key_states.shape[1], d.capacity, key_states.shape[3])
             self.keys[layer_idx] = key_states.new_zeros(shape)
             self.values[layer_idx] = value_states.new_zeros(shape)
         k, v = self.keys[layer_idx], self.values[layer_idx]

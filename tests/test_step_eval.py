@@ -160,6 +160,10 @@ def test_shared_prefix_decoder_equals_generating_each_prompt_alone(chatty_model,
         assert out[("h", j)] == alone.generate([p])[0], j
     assert out[("h2", 0)] == out[("h", 0)]
     assert decoder.reused_tokens == 10 + 38 + 25 + 2 + 10  # >= 1 token of each prompt is fed
+    # more slots than prompts: the idle ones are dropped before the first forward
+    wide = step_eval.SharedPrefixDecoder(model, tokenizer, max_new_tokens=6, slots=16,
+                                         stop=alone.stop, pad=alone.pad)
+    assert wide.decode([("h", history, kv, prompts)]) == {k: v for k, v in out.items() if k[0] == "h"}
     if lora:
         model.unload()
 
