@@ -85,6 +85,19 @@ class Episode:
                 "error": self.error, "seconds": round(self.seconds, 3)}
 
 
+def has_complete_action(text: str) -> bool:
+    """Whether ``text`` holds an action on a finished line ("Action: move[ea" may still grow)."""
+    return parse_action(text[:text.rfind("\n") + 1]) is not None
+
+
+def common_prefix(cached: list[int], prompt: list[int]) -> int:
+    """How many leading tokens of ``prompt`` equal ``cached``'s, leaving at least one to feed."""
+    n, limit = 0, min(len(cached), len(prompt) - 1)
+    while n < limit and cached[n] == prompt[n]:
+        n += 1
+    return n
+
+
 def has_sliding_window(model) -> bool:
     """Whether some attention layers of ``model`` see only a window of recent tokens."""
     text = model.config.get_text_config(decoder=True)
@@ -107,8 +120,7 @@ class ActionLineStop:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
         if self.prefixes:  # what each row wrote in earlier segments of the same response
             texts = [p + t for p, t in zip(self.prefixes, texts)]
-        # only complete lines count: "Action: move[ea" may still be growing
-        done = [parse_action(t[:t.rfind("\n") + 1]) is not None for t in texts]
+        done = [has_complete_action(t) for t in texts]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -168,11 +180,7 @@ class Policy:
     def _cached_prefix(self, key: str | None, prompt: list[int]) -> int:
         if not self.reuse_cache or key not in self.cache:
             return 0
-        ids, n = self.cache[key][0], 0
-        limit = min(len(ids), len(prompt) - 1)  # at least one token must be fed
-        while n < limit and ids[n] == prompt[n]:
-            n += 1
-        return n
+        return common_prefix(self.cache[key][0], prompt)
 
     def generate(self, prompts: list[list[int]], keys: list[str] | None = None,
                  remember: bool = True) -> list[str]:

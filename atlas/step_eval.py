@@ -51,7 +51,8 @@ from transformers import AttentionInterface
 from atlas.data.formats import read_trajectories, write_trajectories
 from atlas.data.masking import tokenize_steps
 from atlas.data.trajectory import Trajectory
-from atlas.rollout import Policy, has_sliding_window, parse_action
+from atlas.rollout import (Policy, common_prefix, has_complete_action, has_sliding_window,
+                           parse_action)
 from atlas.stats import Ratio
 
 log = logging.getLogger(__name__)
@@ -317,7 +318,8 @@ class SharedPrefixDecoder:
         self.newline = [("\n" in t) for t in texts]
         self.prefixes: dict[Any, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.cache: _RowCache | None = None
-        self.computed_tokens = self.reused_tokens = self.forwards = 0
+        self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.reused_tokens = 0  # prompt tokens read from the trajectories' caches
 
     @staticmethod
     def supports(model) -> bool:
@@ -357,15 +359,11 @@ class SharedPrefixDecoder:
                         self.prefixes[key] = (ids, kv)
                         left[key] = len(prompts)
                         for j, p in enumerate(prompts):
-                            n = 0
-                            limit = min(len(ids), len(p) - 1)  # at least one token is fed
-                            while n < limit and ids[n] == p[n]:
-                                n += 1
+                            n = common_prefix(ids, p)
                             if not n:  # the chat template renders the history differently
                                 raise RuntimeError(f"prompt {j} of {key!r} shares no token "
                                                    "with its trajectory's tokens")
                             self.reused_tokens += n
-                            self.computed_tokens += len(p) - n
                             pending.append(_Row((key, j), key, n, p[n:], []))
                     if rows[s] is None and pending:
                         rows[s] = pending.popleft()
@@ -398,10 +396,9 @@ class SharedPrefixDecoder:
         last = row.generated[-1]
         if last in self.stop or len(row.generated) >= self.max_new_tokens:
             return True
-        if self.newline[last]:  # only complete lines count: "Action: move[ea" may still grow
-            text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-            return parse_action(text[:text.rfind("\n") + 1]) is not None
-        return False
+        # the finished lines change only when a newline is written
+        return self.newline[last] and has_complete_action(
+            self.tokenizer.decode(row.generated, skip_special_tokens=True))
 
     @torch.inference_mode()
     def _forward(self, rows: list[_Row | None], device) -> None:
@@ -438,7 +435,7 @@ class SharedPrefixDecoder:
         self.slot_index, self.length_d = self.slot_index.to(device), self.length.to(device)
         ids = torch.tensor(tokens, device=device)[:, None]
         global _running
-        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        base = self.base
         previous = base.config._attn_implementation
         try:  # only this forward runs with the shared-prefix attention
             base.set_attn_implementation(SHARED_PREFIX)
@@ -450,7 +447,6 @@ class SharedPrefixDecoder:
         finally:
             _running = None
             base.set_attn_implementation(previous)
-        self.forwards += 1
         nxt = out.logits[:, -1].argmax(-1).tolist()
         for s, row in enumerate(rows):
             if row is None:
