@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from typing import Any, Literal, Sequence
 from pydantic import BaseModel, StrictInt, ValidationError
 from tqdm.auto import tqdm
 
-from atlas.data.trajectory import Trajectory
+from atlas.data.trajectory import Message, Trajectory
 from atlas.utils import UserError
 
 log = logging.getLogger(__name__)
@@ -106,13 +107,18 @@ def render_trajectory(trajectory: Trajectory, candidates: Sequence[int]) -> str:
     lines = []
     if trajectory.system:
         lines.append(f"[Instructions given to the agent]\n{trajectory.system}")
+    if trajectory.tools:
+        names = [t.get("function", t).get("name", "?") for t in trajectory.tools]
+        lines.append(f"[Tools the agent can call]\n{', '.join(map(str, names))}")
     k = 0
     for i, m in enumerate(trajectory.messages):
         if m.role == "user":
             lines.append(f"[{'Task' if i == 0 else 'Observation'}]\n{m.content}")
-        else:
+        elif m.role == "tool":
+            lines.append(f"[Tool result{': ' + m.name if m.name else ''}]\n{m.content}")
+        else:  # a step: its text and its calls, one <tool_call>{"name", "arguments"} per line
             label = f"Step {number[k]}" if k in number else "Agent (not selectable)"
-            lines.append(f"[{label}]\n{m.content}")
+            lines.append(f"[{label}]\n{m.as_text()}")
             k += 1
     return "\n\n".join(lines)
 
@@ -966,7 +972,14 @@ def _words(text: str) -> set[str]:
     return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
 
 
-def _thought_action(content: str) -> tuple[str, str]:
+def _thought_action(message: Message) -> tuple[str, str]:
+    """A step's thought and action: its text, or (for a step that calls tools) its text and
+    its calls."""
+    content = message.content
+    if message.tool_calls:
+        calls = "; ".join(f"{c.name} {json.dumps(c.args, ensure_ascii=False)}"
+                          for c in message.tool_calls)
+        return re.sub(r"^\s*Thought\s*:\s*", "", content).strip(), calls
     m = re.search(r"Action\s*:\s*(.*)", content, re.S)
     action = m.group(1).strip() if m else ""
     thought = content[:m.start()] if m else content
@@ -1016,14 +1029,17 @@ class HeuristicOracle(Oracle):
         last_user = ""
         msgs = trajectory.messages
         for i, m in enumerate(msgs):
-            if m.role == "user":
-                seen_before.append(set(text_so_far))
-                last_user = m.content
+            if m.role != "assistant":  # the task, an observation or a tool's result
+                if msgs[i - 1].role != "tool" or m.role != "tool":
+                    seen_before.append(set(text_so_far))
+                    last_user = ""
+                last_user = (last_user + "\n" + m.content).strip()
                 text_so_far |= _words(m.content)
                 continue
-            nxt = next((x.content for x in msgs[i + 1:] if x.role == "user"),
-                       trajectory.meta.get("final_observation") or "")
-            thought, action = _thought_action(m.content)
+            nxt = "\n".join(x.content for x in itertools.takewhile(
+                lambda x: x.role != "assistant", msgs[i + 1:])) or (
+                trajectory.meta.get("final_observation") or "")
+            thought, action = _thought_action(m)
             turns.append((last_user, thought, action, nxt,
                           seen_before[-1] if seen_before else set()))
             text_so_far |= _words(m.content)
@@ -1061,7 +1077,7 @@ class HeuristicOracle(Oracle):
         return out
 
     def plan(self, trajectory: Trajectory) -> tuple[str, list[str]]:
-        thoughts = [_thought_action(m.content)[0] for m in trajectory.messages
+        thoughts = [_thought_action(m)[0] for m in trajectory.messages
                     if m.role == "assistant"]
         text = next((t for t in thoughts if re.search(r"\bplan\b", t, re.I)), thoughts[0])
         m = re.search(r"\bplan\b[^:]*:\s*(.*)", text, re.I | re.S)

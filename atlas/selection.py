@@ -452,22 +452,26 @@ class PerplexitySelector(ScoredSelector):
     Args:
         model: A ``conf/model`` entry (the model to be fine-tuned, before training).
         max_length: Tokens scored per trajectory; steps ending past it score None (ranked last).
+        tools_as_text: Render tool calls into the text first, as ``data.tools_as_text`` does
+            for training.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
     """
 
     name = "perplexity"
 
     def __init__(self, model: dict, ratio: float = 0.3, max_length: int = 4096,
-                 device: str = "auto", seed: int = 0, cache_dir: str | None = None):
+                 device: str = "auto", seed: int = 0, cache_dir: str | None = None,
+                 tools_as_text: bool = False):
         super().__init__(ratio, seed, cache_dir)
         self.model_cfg = dict(model)
         self.max_length, self.device = max_length, device
+        self.tools_as_text = tools_as_text  # as training renders them (data.tools_as_text)
         # a randomly initialised model (model.config) is not worth caching scores of
         self.cacheable = bool(self.model_cfg.get("name")) and not self.model_cfg.get("config")
 
     def score_signature(self):
         return {"selector": self.name, "model": self.model_cfg.get("name") or "config",
-                "max_length": self.max_length}
+                "max_length": self.max_length, **({"tools_as_text": True} if self.tools_as_text else {})}
 
     def compute(self, trajectories):
         import torch
@@ -484,7 +488,7 @@ class PerplexitySelector(ScoredSelector):
         model.to(device)
         out = []
         for t in tqdm(trajectories, desc="perplexity", unit="trajectory", disable=None):
-            tok = tokenize_steps(t, tokenizer)
+            tok = tokenize_steps(t.as_text() if self.tools_as_text else t, tokenizer)
             ids = torch.tensor([tok.input_ids[:self.max_length]], device=device)
             with torch.no_grad():
                 logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()

@@ -158,6 +158,9 @@ class TrajectoryDataModule(L.LightningDataModule):
         overflow: ``drop_steps`` or ``error``.
         special_tokens_in_text: ``error``, ``warn`` or ``allow``: see
             :func:`atlas.data.masking.tokenize_steps`.
+        tools_as_text: Write tool calls, results and schemas into the text
+            (:meth:`Trajectory.as_text`) instead of passing them to the chat template, for
+            models whose template cannot render tools.
         batch_size: Examples per batch (rows of packed examples under ``packing``).
         packing: Lay several training examples end to end in one row of up to
             ``pack_length`` tokens (position ids restart per example; no attention across
@@ -174,8 +177,9 @@ class TrajectoryDataModule(L.LightningDataModule):
                  max_length: int | None = 1024, overflow: str = "drop_steps", batch_size: int = 1,
                  num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
                  group_by_length: bool = False, seed: int | None = None,
-                 special_tokens_in_text: str = "warn"):
+                 special_tokens_in_text: str = "warn", tools_as_text: bool = False):
         super().__init__()
+        self.tools_as_text = tools_as_text
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
         self.max_length, self.overflow = max_length, overflow
@@ -198,8 +202,8 @@ class TrajectoryDataModule(L.LightningDataModule):
                 unselected.append(t.id)
                 continue
             try:
-                ex = encode(t, self.tokenizer, self.max_length, self.overflow,
-                            self.special_tokens_in_text)
+                ex = encode(t.as_text() if self.tools_as_text else t, self.tokenizer,
+                            self.max_length, self.overflow, self.special_tokens_in_text)
             except StepOverflowError:
                 if self.overflow == "error":
                     raise

@@ -21,6 +21,15 @@ Phi-3, Cohere 2): the decoded supervised spans equal the selected turns plus the
 and text built to fool a search (a few-shot system prompt, a step that is template markup) is
 located right.
 
+Tool calls: the template renders the trajectory's ``tools`` and each step's calls itself (the
+structured messages of :meth:`Trajectory.chat`). A step that calls tools is everything the
+template writes between the markup before the turn and the markup after it (its text, if the
+template keeps it, and its calls in the template's own syntax: Qwen2.5's ``<tool_call>`` JSON,
+Llama-3.1's ``{"name", "parameters"}``), plus the end of turn; tool results are context like
+observations. Checked token-exactly against hand-written renderings for Qwen2.5 and Llama-3.1.
+A template that cannot render tools is an error naming the model and the way out
+(``data.tools_as_text=true``: :meth:`Trajectory.as_text`).
+
 Labels are the input ids on the selected steps' tokens and -100 elsewhere. Everything after the
 last selected step is dropped: a causal LM's loss on earlier tokens cannot depend on it.
 """
@@ -32,6 +41,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 from jinja2 import TemplateError
 
@@ -95,21 +105,62 @@ class Example:
         return sum(label != IGNORE_INDEX for label in self.labels)
 
 
-def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, str]], int, str]:
+def apply_template(tokenizer, chat: list[dict], tools: list[dict] | None = None, **kw) -> str:
+    """The tokenizer's chat template applied to ``chat`` (and ``tools``, when there are any)."""
+    if tools:
+        kw["tools"] = tools
+    return tokenizer.apply_chat_template(chat, tokenize=False, **kw)
+
+
+_PROBE_TOOL = {"type": "function", "function": {
+    "name": "atlas_probe", "description": "d",
+    "parameters": {"type": "object", "properties": {"x": {"type": "integer"}}}}}
+_PROBE_CHAT = [
+    {"role": "user", "content": "q"},
+    {"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "id": "call_0", "function": {"name": "atlas_probe",
+                                                          "arguments": {"x": 98765}}}]},
+    {"role": "tool", "tool_call_id": "call_0", "name": "atlas_probe", "content": "atlas_result"}]
+_renders_tools: dict[tuple[str, str], bool] = {}
+
+
+def renders_tools(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a tool call's arguments and its result
+    (many templates silently drop both)."""
+    key = (str(getattr(tokenizer, "name_or_path", "")), str(tokenizer.chat_template))
+    if key not in _renders_tools:
+        try:
+            text = apply_template(tokenizer, _PROBE_CHAT, [_PROBE_TOOL])
+        except Exception:  # noqa: BLE001 - a template that raises on tools cannot render them
+            text = ""
+        _renders_tools[key] = "98765" in text and "atlas_result" in text
+    return _renders_tools[key]
+
+
+def tools_template_error(tokenizer) -> str:
+    return (f"the chat template of {getattr(tokenizer, 'name_or_path', '') or 'this tokenizer'} "
+            f"cannot render tool calls and tool results: use a model whose template can (e.g. "
+            f"model.name=Qwen/Qwen2.5-0.5B-Instruct or a Llama-3.1 Instruct), or "
+            f"data.tools_as_text=true to write them into the text (README: Tool calling)")
+
+
+def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, Any]], int, str]:
     """The messages the chat template accepts, the index of ``trajectory.messages[0]`` in
     them, and their rendering. Templates that refuse a system role (Gemma, Mistral) get the
     system prompt folded into the first user turn, the way those model families are prompted."""
+    if trajectory.has_tool_calls and not renders_tools(tokenizer):
+        raise MaskingError(f"{_name(trajectory)} calls tools, and {tools_template_error(tokenizer)}")
     chat = trajectory.chat()
     offset = len(chat) - len(trajectory.messages)
     try:
         try:
-            return chat, offset, tokenizer.apply_chat_template(chat, tokenize=False)
+            return chat, offset, apply_template(tokenizer, chat, trajectory.tools)
         except TemplateError:
             if chat[0]["role"] != "system" or len(chat) < 2 or chat[1]["role"] != "user":
                 raise
             folded = [{"role": "user", "content": chat[0]["content"] + "\n\n" + chat[1]["content"]}]
             folded += chat[2:]
-            return folded, 0, tokenizer.apply_chat_template(folded, tokenize=False)
+            return folded, 0, apply_template(tokenizer, folded, trajectory.tools)
     except TemplateError as e:
         raise MaskingError(f"{_name(trajectory)}: the chat template refuses this conversation: "
                            f"{e}") from None
@@ -118,6 +169,9 @@ def _rendered_chat(trajectory: Trajectory, tokenizer) -> tuple[list[dict[str, st
 def render(trajectory: Trajectory, tokenizer) -> str:
     """The trajectory rendered by the tokenizer's chat template."""
     return _rendered_chat(trajectory, tokenizer)[2]
+
+
+_warned_dropped_text: set[str] = set()
 
 
 def _name(trajectory: Trajectory) -> str:
@@ -169,7 +223,7 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
         raise MaskingError("per-step masks need a fast tokenizer (character offsets)")
     name = _name(trajectory)
     chat, offset, text = _rendered_chat(trajectory, tokenizer)
-    apply = lambda msgs: tokenizer.apply_chat_template(msgs, tokenize=False)  # noqa: E731
+    apply = lambda msgs: apply_template(tokenizer, msgs, trajectory.tools)  # noqa: E731
     steps = trajectory.steps
     _check_control_strings(trajectory, steps, tokenizer, special_tokens_in_text)
 
@@ -177,8 +231,8 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
     #    Between the sentinels lies exactly what the template writes around the steps.
     sentinels = [_sentinel(text, k) for k in range(len(steps))]
     skeleton_chat = [dict(m) for m in chat]
-    for step, sentinel in zip(steps, sentinels):
-        skeleton_chat[step.message_index + offset]["content"] = sentinel
+    for step, sentinel in zip(steps, sentinels):  # a plain turn: no tool calls either
+        skeleton_chat[step.message_index + offset] = {"role": "assistant", "content": sentinel}
     skeleton = apply(skeleton_chat)
     pattern = "|".join(re.escape(s) for s in sentinels)
     segments = re.split(pattern, skeleton)
@@ -200,6 +254,11 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
         pos += len(segments[k])
         content = step.message.content
         after = segments[k + 1]
+        if step.message.tool_calls:
+            char_spans.append(_tool_step_span(text, pos, after, k + 1 == len(steps), step, name,
+                                              tokenizer))
+            pos = char_spans[-1][1]
+            continue
         fits = [c for c in dict.fromkeys([content, content.strip()])
                 if text.startswith(c, pos) and (text.startswith(after, pos + len(c)) if k + 1 < len(steps)
                                                 else text[pos + len(c):] == after)]
@@ -238,6 +297,28 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
             end += 1
         step_spans.append((start, end))
     return TokenizedTrajectory(input_ids=list(ids), step_spans=step_spans, text=text)
+
+
+def _tool_step_span(text: str, pos: int, after: str, last: bool, step, name: str,
+                    tokenizer) -> tuple[int, int]:
+    """The characters of a step that calls tools: all the template writes from ``pos`` up to
+    the markup that follows the turn (``after``, known from the skeleton)."""
+    end = text.find(after, pos) if not last else (
+        len(text) - len(after) if text.endswith(after) and len(text) - len(after) >= pos else -1)
+    region = text[pos:end] if end >= pos else ""
+    missing = [c.name for c in step.message.tool_calls if c.name not in region]
+    if end < 0 or missing or not region.strip():
+        raise MaskingError(f"{name}: step {step.index} (message {step.message_index}): the chat "
+                           f"template does not write its tool calls ({', '.join(missing) or 'all'}) "
+                           f"inside the turn, so their tokens cannot be located")
+    text_kept = step.message.content.strip() in region
+    key = str(getattr(tokenizer, "name_or_path", ""))
+    if not text_kept and key not in _warned_dropped_text:
+        _warned_dropped_text.add(key)
+        log.warning("%s: the chat template of %s drops the text of a step that also calls a tool "
+                    "(step %d): only the call is supervised (and seen as context)", name,
+                    key or "this tokenizer", step.index)
+    return pos, end
 
 
 def _check_control_strings(trajectory, steps, tokenizer, policy: str) -> None:

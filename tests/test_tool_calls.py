@@ -1,0 +1,360 @@
+"""Function-calling trajectories: readers and writers, masks on tool-aware templates, selection."""
+
+import json
+import logging
+import random
+
+import pytest
+from omegaconf import open_dict
+from transformers import AutoTokenizer
+
+from atlas.data import DataFormatError, MaskingError, Message, Trajectory, encode, read_trajectories
+from atlas.data.formats import trajectory_to_record, write_trajectories
+from atlas.data.trajectory import ToolCall
+from conftest import FIXTURES, TOKENIZER, compose_train
+from test_masking import supervised_runs
+
+CALLS = FIXTURES / "tool_calls"
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------ readers and writers
+
+
+def test_openai_round_trip_keeps_calls_results_tools_and_unknown_fields(caplog):
+    with caplog.at_level(logging.WARNING):
+        trajs = read_trajectories(CALLS / "openai.jsonl")
+    warned = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert len(warned) == 1  # once for the file, with counts
+    assert "messages[].refusal (1x)" in warned[0] and "record.metadata (1x)" in warned[0]
+
+    first, second, plain = trajs
+    step0 = first.steps[0].message
+    assert step0.content == "" and [c.name for c in step0.tool_calls] == ["get_order"]
+    assert step0.tool_calls[0].args == {"order_id": "#W2041"} and step0.tool_calls[0].id == "call_a1"
+    assert first.messages[2].role == "tool" and first.messages[2].tool_call_id == "call_a1"
+    assert first.steps[1].message.selected is False  # weight 0
+    assert [t["function"]["name"] for t in first.tools] == ["get_order"]
+    parallel = second.steps[1].message
+    assert parallel.content.startswith("Both orders") and len(parallel.tool_calls) == 2
+    assert second.messages[-1].tool_calls and second.messages[-1].role == "assistant"  # no result
+    assert not plain.has_tool_calls
+
+    for original, t in zip(_lines(CALLS / "openai.jsonl"), trajs):
+        for m in original["messages"]:
+            if m["role"] == "assistant":
+                m.setdefault("weight", 1)  # the writer states every step's weight
+        assert trajectory_to_record(t, "openai") == original
+        # through atlas's own format and back: nothing lost
+        again = read_trajectories_from_record(trajectory_to_record(t, "atlas"))
+        assert trajectory_to_record(again, "openai") == original
+
+
+def read_trajectories_from_record(record, tmp=None):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "one.jsonl"
+        p.write_text(json.dumps(record) + "\n")
+        [t] = read_trajectories(p)
+        t.meta.pop("source", None)
+        return t
+
+
+def test_sharegpt_function_call_layout_round_trips(caplog):
+    trajs = read_trajectories(CALLS / "sharegpt.json")
+    single, parallel = trajs
+    assert single.system == "You are a finance assistant."
+    assert [m.role for m in single.messages] == ["user", "assistant", "tool", "assistant"]
+    assert single.steps[0].message.tool_calls[0].args == {"amount": 250, "from": "EUR", "to": "JPY"}
+    assert [c.args["quote"] for c in parallel.steps[0].message.tool_calls] == ["GBP", "CHF"]
+    assert [t["name"] for t in single.tools] == ["convert_currency", "get_rate"]
+    for original, t in zip(json.loads((CALLS / "sharegpt.json").read_text()), trajs):
+        back = trajectory_to_record(t, "sharegpt")
+        assert back.pop("id") == t.id
+        assert back == original  # tools stay JSON text, unknown fields stay where they were
+
+
+def test_sharegpt_splits_text_and_call_into_two_turns_and_says_so(tmp_path, caplog):
+    t = read_trajectories(CALLS / "openai.jsonl")[1]  # steps with text and calls
+    with caplog.at_level(logging.WARNING):
+        write_trajectories(tmp_path / "s.jsonl", [t], "sharegpt")
+    assert any("2 steps are written as a gpt turn followed by a function_call turn" in r.getMessage()
+               for r in caplog.records)
+    rec = _lines(tmp_path / "s.jsonl")[0]
+    assert [c["from"] for c in rec["conversations"]] == [
+        "human", "gpt", "function_call", "observation", "gpt", "function_call", "observation",
+        "observation", "function_call"]
+    assert json.loads(rec["conversations"][5]["value"])[1]["arguments"]["order_id"] == "#W2"
+
+
+def test_agentgym_writes_calls_into_the_text(tmp_path, caplog):
+    t = read_trajectories(CALLS / "openai.jsonl")[0]
+    with caplog.at_level(logging.WARNING):
+        write_trajectories(tmp_path / "g.jsonl", [t], "agentgym")
+    assert any("agentgym has no tool calls" in r.getMessage() for r in caplog.records)
+    [back] = read_trajectories(tmp_path / "g.jsonl")
+    assert back.steps[0].message.content == (
+        '<tool_call>{"name": "get_order", "arguments": {"order_id": "#W2041"}}</tool_call>')
+    assert back.messages[2].content.startswith("<tool_response>{\"order_id\"")
+    assert "<tools>" in back.system and '"get_order"' in back.system
+
+
+def test_agent_data_protocol_mapping():
+    weather, code = read_trajectories(CALLS / "adp.jsonl")
+    assert weather.id == "weather_0" and weather.meta["details"] == {"source": "handwritten"}
+    assert [m.role for m in weather.messages] == ["user", "assistant", "tool", "assistant", "tool",
+                                                  "assistant"]
+    step0 = weather.steps[0].message  # api_action: description -> thought, kwargs -> arguments
+    assert step0.content == "I need both temperatures; Lisbon first."
+    assert (step0.tool_calls[0].name, step0.tool_calls[0].args, step0.tool_calls[0].id) == (
+        "get_weather", {"city": "Lisbon"}, "call_1")
+    assert weather.messages[2].tool_call_id == "call_1" and weather.messages[2].name == "get_weather"
+    assert weather.steps[1].message.content == "Now Oslo."  # reasoning_content -> thought
+    assert not weather.steps[2].message.tool_calls  # message_action -> text
+    assert [t["function"]["name"] for t in weather.tools] == ["get_weather"]
+
+    first, parallel, answer = (s.message for s in code.steps)
+    assert first.tool_calls[0].name == "execute_code"  # code_action -> a code-execution call
+    assert first.tool_calls[0].args == {"language": "bash", "code": "wc -l data.csv"}
+    assert [c.args["q"] for c in parallel.tool_calls] == ['"csv header"', '"wc -l trailing newline"']
+    assert [m.content for m in code.messages if m.role == "tool"][1:] == [
+        '{"answer": "the header is one line"}', '{"answer": "wc counts newlines"}']
+    assert answer.content.startswith("The header is included in wc's count.\n\ndata.csv has")
+    assert {t["function"]["name"] for t in code.tools} == {"lookup", "execute_code"}
+
+
+@pytest.mark.parametrize("record, where, message", [
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                   {"role": "tool", "tool_call_id": "b", "content": "r"}]},
+     "bad.jsonl:2: field 'messages[2].tool_call_id'", "'b' matches no earlier tool call"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "a", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}]},
+     "bad.jsonl:2: field 'messages[1].tool_calls[0].function'", "are not JSON"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+     "bad.jsonl:2: field 'messages[1].content'", "expected str, got NoneType"),
+    ({"conversations": [{"from": "human", "value": "q"}, {"from": "function_call", "value": "f(x)"}]},
+     "bad.jsonl:2: field 'conversations[1].value'", "a function_call must be the JSON text"),
+    ({"id": "x", "content": [{"class_": "text_observation", "content": "q", "source": "user"},
+                             {"class_": "browse_action", "content": "x"}]},
+     "bad.jsonl:2: field 'content[1].class_'", "got 'browse_action'"),
+])
+def test_bad_tool_input_names_file_line_and_field(tmp_path, record, where, message):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]}
+    if "conversations" in record:
+        good = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "ok"}]}
+    if "content" in record:
+        good = {"id": "g", "content": [{"class_": "text_observation", "content": "hi", "source": "user"},
+                                       {"class_": "message_action", "content": "ok"}]}
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(good) + "\n" + json.dumps(record) + "\n")
+    with pytest.raises(DataFormatError) as e:
+        read_trajectories(p)
+    assert str(e.value).startswith(f"{tmp_path}/{where}") and message in str(e.value), str(e.value)
+
+
+# ---------------------------------------------------------------------------------------- masks
+
+TOOL_FAMILIES = {
+    # template, special tokens, bos, end of turn, parallel calls allowed
+    "qwen2_5": ("qwen2_5.jinja", [], None, "<|im_end|>", True),
+    "llama3_1": ("llama3_1.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                    "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"],
+                 "<|begin_of_text|>", "<|eot_id|>", False),
+}
+
+
+def tool_tokenizer(family):
+    template, specials, bos, _, _ = TOOL_FAMILIES[family]
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    tok.chat_template = (FIXTURES / "chat_templates" / template).read_text()
+    if specials:
+        tok.add_special_tokens({"additional_special_tokens": specials})
+    if bos:
+        tok.bos_token = bos
+    return tok
+
+
+def reference(family, m: Message) -> str:
+    """How each family's published template writes a step, written out by hand from its format
+    (Qwen2.5: text, then one <tool_call> JSON block per call; Llama-3.1: one
+    {"name", "parameters"} JSON object, the text not rendered), plus the end of turn."""
+    args = lambda c: json.dumps(c.args, ensure_ascii=False)  # noqa: E731  (jinja's tojson)
+    if family == "qwen2_5":
+        calls = "".join(f'\n<tool_call>\n{{"name": "{c.name}", "arguments": {args(c)}}}\n</tool_call>'
+                        for c in m.tool_calls)
+        return ((m.content + calls) if m.content else calls[1:]) + "<|im_end|>"
+    if m.tool_calls:
+        [c] = m.tool_calls
+        return f'{{"name": "{c.name}", "parameters": {args(c)}}}<|eot_id|>'
+    return m.content.strip() + "<|eot_id|>"
+
+
+TOOLS = [{"type": "function", "function": {"name": n, "description": f"The {n} tool.",
+                                           "parameters": {"type": "object", "properties": {}}}}
+         for n in ("get_order", "search_flights", "café_menu", "run")]
+
+
+def generated(n: int, parallel: bool, seed: int = 0) -> list[Trajectory]:
+    """Random tool-calling trajectories: text steps, calls, text with calls, (parallel calls),
+    results with quotes, newlines and non-ASCII text; some calls left without a result."""
+    rng = random.Random(seed)
+    values = ['plain', 'with "quotes"', "two\nlines", "naïve café ☕", "", "{not json}", "a\\b"]
+    out = []
+    for i in range(n):
+        msgs = [Message("user", f"Task {i}: {rng.choice(values)}")]
+        for k in range(rng.randint(1, 4)):
+            kind = rng.choice(["text", "call", "text+call"] + ["parallel"] * parallel)
+            calls = [] if kind == "text" else [
+                ToolCall(rng.choice(TOOLS)["function"]["name"],
+                         {"q": rng.choice(values), "n": rng.randint(0, 99),
+                          "nested": {"tags": [rng.choice(values)]}}, id=f"call_{i}_{k}_{j}")
+                for j in range(2 if kind == "parallel" else 1)]
+            text = "" if kind == "call" else f"Thought: step {k}, {rng.choice(values)}".strip()
+            msgs.append(Message("assistant", text, tool_calls=calls))
+            for c in calls:
+                if rng.random() < 0.9:
+                    msgs.append(Message("tool", json.dumps({"result": rng.choice(values)}),
+                                        tool_call_id=c.id, name=c.name))
+            if not calls:
+                msgs.append(Message("user", f"Observation: {rng.choice(values)}"))
+        out.append(Trajectory(f"gen{i}", "e", msgs, system="You are a tool-using agent.",
+                              tools=TOOLS))
+    return out
+
+
+def tool_cases(family):
+    parallel = TOOL_FAMILIES[family][4]
+    files = [t for f in ("openai.jsonl", "sharegpt.json", "adp.jsonl") for t in read_trajectories(CALLS / f)]
+    return [t for t in files if parallel or all(len(m.tool_calls) <= 1 for m in t.messages)] + \
+        generated(40, parallel)
+
+
+# steps checked per family (deterministic: fixtures plus seeded trajectories); the note quotes them
+CHECKED = {"qwen2_5": (47, 79, 75), "llama3_1": (44, 73, 48)}
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_FAMILIES))
+def test_tool_call_masks_are_token_exact_against_the_template_format(family, caplog):
+    tok = tool_tokenizer(family)
+    rng = random.Random(1)
+    trajectories = steps = calls = 0
+    for t in tool_cases(family):
+        chosen = sorted(rng.sample(range(t.num_steps), rng.randint(1, t.num_steps)))
+        ex = encode(t.with_selection(chosen), tok)
+        expected = [reference(family, t.steps[k].message) for k in chosen]
+        assert supervised_runs(ex, tok) == expected, (family, t.id)
+        trajectories += 1
+        steps += len(chosen)
+        calls += sum(len(t.steps[k].message.tool_calls) for k in chosen)
+        # tool results are context: in the input, never supervised (Llama-3.1's template writes
+        # a result as JSON text: a string is iterable in Jinja, so it goes through tojson)
+        text = tok.decode(ex.input_ids, skip_special_tokens=False)
+        for m in t.messages[:max(t.steps[k].message_index for k in chosen)]:
+            if m.role == "tool":
+                assert (json.dumps(m.content, ensure_ascii=False) if family == "llama3_1"
+                        else m.content) in text
+    assert (trajectories, steps, calls) == CHECKED[family]
+    if family == "llama3_1":  # its template drops the text of a step that also calls a tool
+        assert any("drops the text of a step that also calls a tool" in r.getMessage()
+                   for r in caplog.records)
+
+
+def test_template_without_tools_is_an_error_with_the_way_out():
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)  # SmolLM2's ChatML: no tools
+    t = read_trajectories(CALLS / "openai.jsonl")[0]
+    with pytest.raises(MaskingError, match="cannot render tool calls .* data.tools_as_text=true"):
+        encode(t, tok)
+    # the documented text form instead: calls and results are plain turns
+    ex = encode(t.as_text(), tok)
+    assert supervised_runs(ex, tok) == [
+        '<tool_call>{"name": "get_order", "arguments": {"order_id": "#W2041"}}</tool_call><|im_end|>']
+
+
+def test_llama3_1_refuses_parallel_calls_with_a_clear_error():
+    tok = tool_tokenizer("llama3_1")
+    t = read_trajectories(CALLS / "openai.jsonl")[1]
+    with pytest.raises(MaskingError, match=r"openai.jsonl:2\): the chat template refuses this "
+                                           r"conversation: This model only supports single"):
+        encode(t, tok)
+
+
+# ------------------------------------------------------------------------------------ selection
+
+
+def test_oracle_and_heuristic_see_calls_and_results():
+    from atlas.oracle import HeuristicOracle, render_trajectory
+
+    t = read_trajectories(CALLS / "openai.jsonl")[1]
+    text = render_trajectory(t, range(t.num_steps))
+    assert "[Tools the agent can call]\nget_order, cancel_order, get_user" in text
+    assert ('[Step 1]\nBoth orders are yours. Cancelling them now.\n<tool_call>{"name": '
+            '"cancel_order", "arguments": {"order_id": "#W1"') in text
+    assert '[Tool result: get_user]\n{"user_id": "jane_7"' in text
+    scores = HeuristicOracle().scores(t)
+    assert len(scores) == t.num_steps == 3
+    # the call is the step's action; the tool result is the observation it acts on
+    assert "cancel_order" in scores[1]["Critical Action"][1]
+    assert "orders" in scores[1]["Critical Observation"][1]
+
+
+def tool_tokenizer_dir(tmp_path, family="qwen2_5"):
+    d = tmp_path / f"tok_{family}"
+    tool_tokenizer(family).save_pretrained(d)
+    return d
+
+
+def test_train_on_openai_tool_calls_and_the_exported_selection_round_trips(tmp_path):
+    from atlas.training import train
+
+    out = tmp_path / "run"
+    cfg = compose_train(out, f"data.files=[{CALLS / 'openai.jsonl'}]", "data.format=openai",
+                        f"model.tokenizer={tool_tokenizer_dir(tmp_path)}", "data.val_fraction=0",
+                        "selector=full", "trainer.max_epochs=1")
+    summary = train(cfg)
+    stats = summary["selection"]
+    assert stats["train/examples"] == 3 and stats["train/supervised_steps"] == 5  # weight 0 left out
+    originals = _lines(CALLS / "openai.jsonl")
+    exported = _lines(out / "selection.openai.jsonl")
+    assert len(exported) == 3
+    by_first = {json.dumps(r["messages"][:2]): r for r in exported}
+    for original in originals:
+        for m in original["messages"]:
+            if m["role"] == "assistant":
+                m.setdefault("weight", 1)
+        back = by_first[json.dumps(original["messages"][:2])]
+        assert back == original
+    assert {t.id for t in read_trajectories(out / "selection.jsonl")} == {
+        t.id for t in read_trajectories(CALLS / "openai.jsonl")}
+
+
+def test_train_with_tools_as_text_on_a_template_without_tools(tmp_path):
+    from atlas.training import train
+
+    cfg = compose_train(tmp_path, f"data.files=[{CALLS / 'adp.jsonl'}]", "data.val_fraction=0",
+                        "selector=random", "ratio=0.5", "data.tools_as_text=true")
+    summary = train(cfg)
+    assert summary["selection"]["train/examples"] == 2
+
+    with open_dict(cfg):
+        cfg.data.tools_as_text = False
+        cfg.paths.output_dir = str(tmp_path / "again")
+    with pytest.raises(MaskingError, match="data.tools_as_text=true"):
+        train(cfg)
+
+
+@pytest.mark.parametrize("fmt", ["atlas", "openai"])
+def test_tool_trajectories_round_trip_through_formats_that_hold_them(tmp_path, fmt):
+    trajs = [t for f in ("openai.jsonl", "sharegpt.json", "adp.jsonl")
+             for t in read_trajectories(CALLS / f)]
+    trajs = [t.with_selection(range(0, t.num_steps, 2)) for t in trajs]
+    back = read_trajectories(write_trajectories(tmp_path / f"x.{fmt}.jsonl", trajs, fmt), fmt)
+    assert [(t.chat(), t.tools, t.selected_steps) for t in back] == [
+        (t.chat(), t.tools, t.selected_steps) for t in trajs]
