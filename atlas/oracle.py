@@ -110,12 +110,13 @@ def render_trajectory(trajectory: Trajectory, candidates: Sequence[int]) -> str:
     if trajectory.tools:
         names = [t.get("function", t).get("name", "?") for t in trajectory.tools]
         lines.append(f"[Tools the agent can call]\n{', '.join(map(str, names))}")
-    k = 0
+    k, called = 0, {c.id: c.name for m in trajectory.messages for c in m.tool_calls if c.id}
     for i, m in enumerate(trajectory.messages):
         if m.role == "user":
             lines.append(f"[{'Task' if i == 0 else 'Observation'}]\n{m.content}")
         elif m.role == "tool":
-            lines.append(f"[Tool result{': ' + m.name if m.name else ''}]\n{m.content}")
+            name = m.name or called.get(m.tool_call_id)
+            lines.append(f"[Tool result{': ' + name if name else ''}]\n{m.content}")
         else:  # a step: its text and its calls, one <tool_call>{"name", "arguments"} per line
             label = f"Step {number[k]}" if k in number else "Agent (not selectable)"
             lines.append(f"[{label}]\n{m.as_text()}")

@@ -298,6 +298,7 @@ def test_oracle_and_heuristic_see_calls_and_results():
     assert ('[Step 1]\nBoth orders are yours. Cancelling them now.\n<tool_call>{"name": '
             '"cancel_order", "arguments": {"order_id": "#W1"') in text
     assert '[Tool result: get_user]\n{"user_id": "jane_7"' in text
+    assert '[Tool result: cancel_order]\n{"status": "cancelled"}' in text  # named by its call's id
     scores = HeuristicOracle().scores(t)
     assert len(scores) == t.num_steps == 3
     # the call is the step's action; the tool result is the observation it acts on
