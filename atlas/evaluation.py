@@ -29,16 +29,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from atlas import step_eval
 from atlas.data.formats import trajectory_to_record
 from atlas.data.trajectory import Trajectory
 from atlas.envs.base import SPLITS
-from atlas.rollout import EnvPool, Episode, Policy, run_episodes
+from atlas.rollout import ACTION_FORMATS, ActionFormat, EnvPool, Episode, Policy, run_episodes
 from atlas.stats import Ratio, wilson
-from atlas.utils import atomic_write
+from atlas.utils import ConfigError, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,33 @@ def environments(eval_cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
     if not envs:
         raise ValueError("eval has no environments in held_in or held_out")
     return envs
+
+
+def action_format(eval_cfg: DictConfig) -> ActionFormat:
+    """How the agent acts in the suite's environments (``eval.action_format``)."""
+    kind = eval_cfg.get("action_format", "text")
+    if kind not in ACTION_FORMATS:
+        raise ConfigError(f"action_format must be one of {', '.join(ACTION_FORMATS)}, got {kind!r}")
+    return ActionFormat(kind, bool(eval_cfg.get("tools_as_text", False)))
+
+
+def in_action_format(trajectories: list[Trajectory], eval_cfg: DictConfig) -> list[Trajectory]:
+    """Expert trajectories of the suite's environments in the agent's action format: with
+    ``action_format=tools``, their actions become calls of each environment's tools and the
+    observations the calls' results (trajectories that already call tools stay as they are)."""
+    actions = action_format(eval_cfg)
+    if not actions.tools:
+        return trajectories
+    classes = {env_cfg.name: get_class(env_cfg._target_)
+               for _, env_cfg in environments(eval_cfg).values()}
+    out = []
+    for t in trajectories:
+        if t.env not in classes and not t.has_tool_calls:
+            raise ConfigError(f"action_format=tools: trajectory {t.id} ({t.meta.get('source')}) is "
+                              f"from environment {t.env!r}, whose tools no eval environment defines "
+                              f"(known: {', '.join(sorted(classes))})")
+        out.append(actions.convert(t, classes[t.env]) if t.env in classes else t)
+    return out
 
 
 def summarize(episodes: list[Episode], groups: dict[str, str]) -> dict[str, Any]:
@@ -242,13 +269,14 @@ def _step_evaluation(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
     for key in ("batch_size", "max_new_tokens", "segment"):
         if cfg.get(key) is not None and cfg[key] < 1:
             raise ValueError(f"eval.steps.{key} must be >= 1, got {cfg[key]}")
-    items, files = step_eval.load_suite(envs, cfg)
+    actions = action_format(eval_cfg)
+    items, files = step_eval.load_suite(envs, cfg, actions)
     if not items:
         raise ValueError("eval.steps: no test trajectories (every environment's task count is 0)")
     groups = {name: group for name, (group, _) in envs.items() if name in files}
     t0 = time.time()
     records = step_eval.score(model, tokenizer, items, cfg.batch_size, cfg.max_new_tokens,
-                              segment=cfg.get("segment"))
+                              segment=cfg.get("segment"), complete=actions.complete)
     _write_jsonl(out / "steps.jsonl", records)
     results["steps"] = {**step_eval.summarize(records, groups), "file": str((out / "steps.jsonl").resolve()),
                         "test_sets": files, "seconds": round(time.time() - t0, 1)}
@@ -281,7 +309,7 @@ def _step_evaluation(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
             log.info("scoring the base model (%s) once; cached in %s", base_model.name, cached)
             base_lm = load_model(**base_model).to(resolve_device())
             base = step_eval.score(base_lm, tokenizer, items, cfg.batch_size, cfg.max_new_tokens,
-                                   segment=cfg.get("segment"))
+                                   segment=cfg.get("segment"), complete=actions.complete)
             del base_lm
             cached.parent.mkdir(parents=True, exist_ok=True)
             _write_jsonl(cached, base)
@@ -321,7 +349,8 @@ def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path) -> list[E
     episodes_file.unlink(missing_ok=True)
     try:
         tasks = pool.tasks(eval_cfg.split, eval_cfg.episodes)
-        policy = Policy(model, tokenizer, **eval_cfg.generation)
+        actions = action_format(eval_cfg)
+        policy = Policy(model, tokenizer, complete=actions.complete, **eval_cfg.generation)
         with episodes_file.open("a", encoding="utf-8") as f:
             def save(ep: Episode) -> None:
                 f.write(json.dumps(trajectory_to_record(ep.trajectory), ensure_ascii=False) + "\n")
@@ -329,7 +358,8 @@ def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path) -> list[E
 
             return run_episodes(policy, pool, tasks, batch_size=eval_cfg.batch_size,
                                 max_turns=_plain(eval_cfg.get("max_turns")),
-                                max_prompt_tokens=eval_cfg.max_prompt_tokens, on_finish=save)
+                                max_prompt_tokens=eval_cfg.max_prompt_tokens, on_finish=save,
+                                actions=actions)
     finally:
         pool.close()
 

@@ -6,6 +6,11 @@ agent's "Thought: ...\\nAction: ..." as assistant turns), so the prompts the mod
 rendered the same way as in training, and finished episodes can be saved, inspected and trained
 on like any other trajectory.
 
+With ``action_format=tools`` (:class:`ActionFormat`) the agent acts by function calling: the
+environment's actions are tools, a turn is its text and one call (written in the chat
+template's syntax, e.g. Qwen2.5's ``<tool_call>`` JSON, or atlas's text form), and the
+environment's answer is the call's result.
+
 Episodes run in parallel: each turn, the prompts of all active episodes go through one batched
 ``generate`` call. Environments are pooled per environment, capped by ``instances`` (a
 ScienceWorld instance is a JVM of 0.7-3.6 GB), and reused across episodes.
@@ -13,6 +18,8 @@ ScienceWorld instance is a JVM of 0.7-3.6 GB), and reused across episodes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
 import time
@@ -25,7 +32,7 @@ from tqdm.auto import tqdm
 from transformers import StaticCache, StoppingCriteriaList
 
 from atlas.data.generate import observation_turn
-from atlas.data.trajectory import Message, Trajectory
+from atlas.data.trajectory import Message, ToolCall, Trajectory
 from atlas.envs.base import Environment, Task
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,132 @@ def parse_action(text: str) -> str | None:
         if ends and (action := line[ends[-1]:].strip()):
             return action
     return None
+
+
+_DECODER = json.JSONDecoder()
+
+
+def parse_call(text: str) -> tuple[str, dict, int] | None:
+    """The first tool call written in ``text``: a JSON object with a ``name`` and an object of
+    ``arguments`` (Qwen2.5 / Hermes ``<tool_call>`` blocks, atlas's text form) or
+    ``parameters`` (Llama-3.1), as (name, arguments, where the object starts); or None."""
+    for m in re.finditer(r"\{", text):
+        try:
+            obj, _ = _DECODER.raw_decode(text, m.start())
+        except ValueError:
+            continue
+        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
+            continue
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):  # OpenAI-style arguments as JSON text
+            try:
+                args = json.loads(args)
+            except ValueError:
+                continue
+        if isinstance(args, dict):
+            return obj["name"], args, m.start()
+    return None
+
+
+ACTION_FORMATS = ("text", "tools")
+TOOL_HINT = ("Invalid response: no tool call found. Write your reasoning, then call one of the "
+             "tools.")
+
+
+class ActionFormat:
+    """How the agent writes its action, in training data, rollouts and step evaluation.
+
+    - ``text``: "Thought: ...\\nAction: go north" (:func:`parse_action`); observations are user
+      turns.
+    - ``tools``: the step's text and one call of the environment's tools
+      (:attr:`Environment.tools`, read with :func:`parse_call`); the environment's answer is
+      the call's ``tool`` result. ``tools_as_text`` renders calls and results into the text
+      (:meth:`Trajectory.as_text`) for chat templates without tools, as training does.
+
+    Expert data is generated as text; :meth:`convert` gives its tools form, step for step.
+    """
+
+    def __init__(self, kind: str = "text", tools_as_text: bool = False):
+        if kind not in ACTION_FORMATS:
+            raise ValueError(f"action_format must be one of {ACTION_FORMATS}, got {kind!r}")
+        self.kind, self.tools_as_text = kind, tools_as_text
+
+    @property
+    def tools(self) -> bool:
+        return self.kind == "tools"
+
+    def complete(self, text: str) -> bool:
+        """Whether a response being written already holds its action (decoding can stop)."""
+        return parse_call(text) is not None if self.tools else has_complete_action(text)
+
+    def reader(self, env_cls: type[Environment]) -> Callable[[str], str | None]:
+        """The canonical action (:meth:`Environment.canonical_action`) of a turn's text."""
+        if not self.tools:
+            return lambda text: env_cls.canonical_action(parse_action(text))
+
+        def read(text: str) -> str | None:
+            call = parse_call(text)
+            return env_cls.canonical_action(call and env_cls.call_to_action(call[0], call[1]))
+        return read
+
+    def start(self, task: Task, first: str, env_cls: type[Environment]) -> Trajectory:
+        """An episode's trajectory before its first step (``first``: the goal and observation)."""
+        # A placeholder assistant turn satisfies Trajectory's invariant; it is dropped at once.
+        trajectory = Trajectory(task.id, task.env, [Message("user", first), Message("assistant", "")],
+                                env_cls.system_prompt(self.kind), meta={"source": "rollout"},
+                                tools=list(env_cls.tools) if self.tools else None)
+        trajectory.messages.pop()
+        return trajectory
+
+    def view(self, trajectory: Trajectory) -> Trajectory:
+        """What the chat template renders."""
+        return trajectory.as_text() if self.tools_as_text else trajectory
+
+    def turn(self, response: str, env_cls: type[Environment], k: int) -> tuple[Message, str | None]:
+        """The assistant message of a response and the action it takes (None: none)."""
+        if not self.tools:
+            return Message("assistant", response), parse_action(response)
+        call = parse_call(response)
+        action = call and env_cls.call_to_action(call[0], call[1])
+        if not action:
+            return Message("assistant", response), None
+        text = re.sub(r"<tool_call>\s*$", "", response[:call[2]]).strip()
+        return Message("assistant", text, tool_calls=[ToolCall(call[0], call[1], id=f"call_{k}")]), action
+
+    def observation(self, text: str, step: Message) -> Message:
+        """The environment's answer to ``step``: the call's result, or a user turn."""
+        if step.tool_calls:
+            c = step.tool_calls[0]
+            return Message("tool", text, tool_call_id=c.id, name=c.name)
+        return Message("user", observation_turn(text))
+
+    @property
+    def hint(self) -> str:
+        return TOOL_HINT if self.tools else FORMAT_HINT
+
+    def convert(self, trajectory: Trajectory, env_cls: type[Environment]) -> Trajectory:
+        """An expert trajectory of ``env_cls`` in this format (text data is the source)."""
+        if not self.tools or trajectory.has_tool_calls:
+            return trajectory
+        messages: list[Message] = []
+        steps = 0
+        for m in trajectory.messages:
+            prev = messages[-1] if messages else None
+            if m.role == "assistant":
+                steps += 1  # ids as the rollout loop gives them: call_<turn>
+                action = parse_action(m.content)
+                call = action and env_cls.action_to_call(action)
+                if call:
+                    thought = ACTION.split(m.content)[0]
+                    thought = re.sub(r"^\s*Thought\s*:\s*", "", thought).strip()
+                    m = dataclasses.replace(m, content=thought, tool_calls=[
+                        ToolCall(call[0], call[1], id=f"call_{steps}")])
+            elif prev is not None and prev.tool_calls:
+                m = self.observation(re.sub(r"^Observation:\s*", "", m.content), prev)
+            messages.append(m)
+        return dataclasses.replace(trajectory, messages=messages, tools=list(env_cls.tools),
+                                   system=env_cls.system_prompt(self.kind),
+                                   meta={**trajectory.meta, "action_format": self.kind})
 
 
 @dataclass
@@ -113,14 +246,16 @@ class ActionLineStop:
     the batch; what it says after the action line is never read.
     """
 
-    def __init__(self, tokenizer, start: int, prefixes: list[str] | None = None):
+    def __init__(self, tokenizer, start: int, prefixes: list[str] | None = None,
+                 complete: Callable[[str], bool] = has_complete_action):
         self.tokenizer, self.start, self.prefixes = tokenizer, start, prefixes
+        self.complete = complete
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
         texts = self.tokenizer.batch_decode(input_ids[:, self.start:], skip_special_tokens=True)
         if self.prefixes:  # what each row wrote in earlier segments of the same response
             texts = [p + t for p, t in zip(self.prefixes, texts)]
-        done = [has_complete_action(t) for t in texts]
+        done = [self.complete(t) for t in texts]
         return torch.tensor(done, device=input_ids.device)
 
 
@@ -146,11 +281,15 @@ class Policy:
             between segments the rows that have stopped leave the batch, and the others go on
             from their cached keys and values, so a few long responses no longer hold up the
             rest. The tokens are the same as in one go (greedy decoding).
+        complete: Whether a response holds its action, so its row can stop
+            (:meth:`ActionFormat.complete`).
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 96, temperature: float = 0.0,
-                 top_p: float = 1.0, reuse_cache: bool = True, segment: int | None = None):
+                 top_p: float = 1.0, reuse_cache: bool = True, segment: int | None = None,
+                 complete: Callable[[str], bool] = has_complete_action):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.complete = complete
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p
         if segment is not None and segment < 1:
             raise ValueError(f"segment must be >= 1 or null, got {segment}")
@@ -169,9 +308,10 @@ class Policy:
                            | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
 
-    def prompt_ids(self, chat: list[dict[str, str]]) -> list[int]:
+    def prompt_ids(self, chat: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+        kw = {"tools": tools} if tools else {}
         return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False))
+                                                       tokenize=True, return_dict=False, **kw))
 
     def forget(self, key: str) -> None:
         """Drop an episode's cache (when it ends)."""
@@ -245,7 +385,7 @@ class Policy:
         attention_mask = torch.tensor(mask, device=device)
         sampling = ({"do_sample": True, "temperature": self.temperature, "top_p": self.top_p}
                     if self.temperature > 0 else {"do_sample": False})
-        stop = ActionLineStop(self.tokenizer, L + N, prefixes)
+        stop = ActionLineStop(self.tokenizer, L + N, prefixes, self.complete)
         out = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
             eos_token_id=self.stop, pad_token_id=self.pad, return_dict_in_generate=True,
@@ -345,18 +485,10 @@ class EnvPool:
             self._close(env)
 
 
-def _trajectory(task: Task, first: str, system: str) -> Trajectory:
-    """An episode's trajectory before its first step (``first``: the goal and observation)."""
-    # A placeholder assistant turn satisfies Trajectory's invariant; it is dropped at once.
-    trajectory = Trajectory(task.id, task.env, [Message("user", first), Message("assistant", "")],
-                            system, meta={"source": "rollout"})
-    trajectory.messages.pop()
-    return trajectory
-
-
 def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: int = 16,
                  max_turns: int | dict[str, int] | None = None, max_prompt_tokens: int = 4096,
-                 on_finish: Callable[[Episode], None] | None = None) -> list[Episode]:
+                 on_finish: Callable[[Episode], None] | None = None,
+                 actions: ActionFormat | None = None) -> list[Episode]:
     """Play ``tasks`` with ``policy``, up to ``batch_size`` episodes at a time.
 
     Args:
@@ -368,7 +500,9 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             environment's own ``max_turns`` always applies too.
         max_prompt_tokens: An episode whose next prompt is longer ends with status "context".
         on_finish: Called with each finished episode (to save work as it completes).
+        actions: How the agent writes its action (default: text).
     """
+    actions = actions or ActionFormat()
     if batch_size < 1 or pool.cap < 1:
         raise ValueError(f"batch_size and instances must be >= 1, got {batch_size} and {pool.cap}")
     unknown = sorted({t.env for t in tasks} - set(pool.factories))
@@ -396,13 +530,13 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         try:
             env = pool.acquire(task.env)
         except Exception as e:  # noqa: BLE001 - an engine that fails to start fails the episode
-            episodes[i] = ep = Episode(task, _trajectory(task, "", ""))
+            episodes[i] = ep = Episode(task, actions.start(task, "", Environment))
             return finish(ep, "error", f"start: {type(e).__name__}: {e}")
         try:
             first, error = env.reset(task), None
         except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
             first, error = "", f"reset: {type(e).__name__}: {e}"
-        episodes[i] = ep = Episode(task, _trajectory(task, first, env.instruction), env=env,
+        episodes[i] = ep = Episode(task, actions.start(task, first, type(env)), env=env,
                                    seconds=time.time() - t0)
         if error:
             finish(ep, "error", error)
@@ -419,7 +553,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
                 start(i)
         if not active:
             continue
-        prompts = [policy.prompt_ids(ep.trajectory.chat()) for ep in active]
+        prompts = [policy.prompt_ids(view.chat(), view.tools)
+                   for view in (actions.view(ep.trajectory) for ep in active)]
         too_long = [len(p) > max_prompt_tokens for p in prompts]
         for ep, long in zip(active, too_long):
             if long:
@@ -434,13 +569,13 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         for ep, response in zip(list(active), responses):
             ep.turns += 1
             ep.seconds += share
-            ep.trajectory.messages.append(Message("assistant", response))
-            action = parse_action(response)
+            step, action = actions.turn(response, type(ep.env), ep.turns)
+            ep.trajectory.messages.append(step)
             cap = min(ep.env.max_turns, max_turns if isinstance(max_turns, int)
                       else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
             if action is None:
                 ep.invalid += 1
-                observation, done = FORMAT_HINT, False
+                observation, done = actions.hint, False
             else:
                 t1 = time.time()
                 try:
@@ -457,6 +592,6 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
                 active.remove(ep)
                 finish(ep, "success" if ep.success else "failure" if done else "max_turns")
             else:
-                ep.trajectory.messages.append(Message("user", observation_turn(observation)))
+                ep.trajectory.messages.append(actions.observation(observation, step))
     bar.close()
     return episodes  # type: ignore[return-value]

@@ -51,8 +51,8 @@ from transformers import AttentionInterface
 from atlas.data.formats import read_trajectories, write_trajectories
 from atlas.data.masking import tokenize_steps
 from atlas.data.trajectory import Trajectory
-from atlas.rollout import (Policy, common_prefix, has_complete_action, has_sliding_window,
-                           parse_action)
+from atlas.rollout import (ActionFormat, Policy, common_prefix, has_complete_action,
+                           has_sliding_window)
 from atlas.stats import Ratio
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class _Trajectory:
 
     trajectory: Trajectory
     group: str
-    canonical: Callable[[str | None], str | None]
+    read: Callable[[str], str | None]  # a turn's text -> its canonical action
     criteria: dict[int, str]
     ids: list[int]
     spans: list[tuple[int, int]]
@@ -165,8 +165,11 @@ def _teacher_forced(policy: Policy, item: _Trajectory) -> None:
 
 def score(model, tokenizer, items: list[tuple[Trajectory, str, Callable, dict[int, str]]],
           batch_size: int = 16, max_new_tokens: int = 160, chunk_steps: int | None = None,
-          policy: Policy | None = None, segment: int | None = None) -> list[dict[str, Any]]:
-    """Score every step of ``items`` (trajectory, group, canonical-action function, criteria).
+          policy: Policy | None = None, segment: int | None = None,
+          complete: Callable[[str], bool] = has_complete_action) -> list[dict[str, Any]]:
+    """Score every step of ``items`` (trajectory, group, action reader, criteria): the reader
+    gives a turn's canonical action (:meth:`atlas.rollout.ActionFormat.reader`), and
+    ``complete`` says when a response holds its action (decoding stops there).
 
     By default (``policy`` None, a model :meth:`SharedPrefixDecoder.supports`) the
     :class:`SharedPrefixDecoder` writes the turns, ``batch_size`` steps at a time, each
@@ -182,8 +185,9 @@ def score(model, tokenizer, items: list[tuple[Trajectory, str, Callable, dict[in
         model's action (canonical), ``correct``, ``nll``, the response.
     """
     if policy is None and SharedPrefixDecoder.supports(model):
-        return _score_shared(model, tokenizer, items, batch_size, max_new_tokens)
-    policy = policy or Policy(model, tokenizer, max_new_tokens=max_new_tokens, segment=segment)
+        return _score_shared(model, tokenizer, items, batch_size, max_new_tokens, complete)
+    policy = policy or Policy(model, tokenizer, max_new_tokens=max_new_tokens, segment=segment,
+                              complete=complete)
     chunk_steps = chunk_steps or 4 * batch_size
     records: list[dict[str, Any]] = []
     chunks, chunk, size = [], [], 0
@@ -199,9 +203,9 @@ def score(model, tokenizer, items: list[tuple[Trajectory, str, Callable, dict[in
                disable=None)
     for chunk in chunks:
         work = []
-        for t, group, canonical, criteria in chunk:
+        for t, group, read, criteria in chunk:
             tok = tokenize_steps(t, tokenizer)
-            item = _Trajectory(t, group, canonical, criteria, tok.input_ids, tok.step_spans)
+            item = _Trajectory(t, group, read, criteria, tok.input_ids, tok.step_spans)
             _teacher_forced(policy, item)
             for step, prompt in zip(scored_steps(t), _prompts(policy, t)):
                 key = f"step-eval/{t.id}/{step}"
@@ -307,8 +311,9 @@ class SharedPrefixDecoder:
     """
 
     def __init__(self, model, tokenizer, max_new_tokens: int = 160, slots: int = 64,
-                 stop: list[int] | None = None, pad: int = 0):
-        self.model, self.tokenizer = model, tokenizer
+                 stop: list[int] | None = None, pad: int = 0,
+                 complete: Callable[[str], bool] = has_complete_action):
+        self.model, self.tokenizer, self.complete = model, tokenizer, complete
         self.max_new_tokens, self.slots = max_new_tokens, slots
         self.stop, self.pad = set(stop or [tokenizer.eos_token_id]), pad
         text = model.config.get_text_config(decoder=True)
@@ -397,7 +402,7 @@ class SharedPrefixDecoder:
         if last in self.stop or len(row.generated) >= self.max_new_tokens:
             return True
         # the finished lines change only when a newline is written
-        return self.newline[last] and has_complete_action(
+        return self.newline[last] and self.complete(
             self.tokenizer.decode(row.generated, skip_special_tokens=True))
 
     @torch.inference_mode()
@@ -499,10 +504,10 @@ def _attention(q, k, v, mask, scale):
     return torch.einsum("bhqk,bhkd->bhqd", (s - lse[..., None]).exp(), v), lse
 
 
-def _judge(t: Trajectory, canonical: Callable, step: int, response: str) -> dict[str, Any]:
+def _judge(t: Trajectory, read: Callable, step: int, response: str) -> dict[str, Any]:
     """The model's action against the expert's, both as the environment's parser reads them."""
-    expert = canonical(parse_action(t.steps[step].message.content))
-    action = canonical(parse_action(response))
+    expert = read(t.steps[step].message.as_text())  # its text, and its call where it has one
+    action = read(response)
     return {"expert_action": expert, "action": action,
             "correct": action is not None and action == expert}
 
@@ -511,14 +516,14 @@ def _record(item: _Trajectory, step: int, response: str) -> dict[str, Any]:
     t = item.trajectory
     return {"env": t.env, "group": item.group, "task": t.id, "step": step,
             "criterion": item.criteria.get(step, UNMARKED),
-            **_judge(t, item.canonical, step, response),
+            **_judge(t, item.read, step, response),
             "nll": round(item.nll[step], 5), "response": response}
 
 
 def rescore(records: list[dict[str, Any]], items) -> list[dict[str, Any]]:
     """Cached records judged again with today's parsers: a cache keeps a model's turns (what
     costs minutes), not the verdicts of the action parser it was written under."""
-    by_id = {t.id: (t, canonical) for t, _, canonical, _ in items}
+    by_id = {t.id: (t, read) for t, _, read, _ in items}
     return [{**r, **_judge(*by_id[r["task"]], r["step"], r["response"])} for r in records]
 
 
@@ -527,22 +532,24 @@ def _prompts(policy: Policy, t: Trajectory) -> list[list[int]]:
     assistant = [k for k, m in enumerate(t.messages) if m.role == "assistant"]
     chat = t.chat()
     offset = 1 if t.system else 0  # chat() puts the system prompt first
-    return [policy.prompt_ids(chat[:offset + assistant[step]]) for step in scored_steps(t)]
+    return [policy.prompt_ids(chat[:offset + assistant[step]], t.tools) for step in scored_steps(t)]
 
 
-def _score_shared(model, tokenizer, items, slots: int, max_new_tokens: int) -> list[dict[str, Any]]:
+def _score_shared(model, tokenizer, items, slots: int, max_new_tokens: int,
+                  complete: Callable[[str], bool] = has_complete_action) -> list[dict[str, Any]]:
     """``score`` with the :class:`SharedPrefixDecoder`: each trajectory's teacher-forced pass
     is run when the decoder has room for its steps, and its cache is held until they are done."""
     policy = Policy(model, tokenizer, max_new_tokens=max_new_tokens)
-    decoder = SharedPrefixDecoder(model, tokenizer, max_new_tokens, slots, policy.stop, policy.pad)
+    decoder = SharedPrefixDecoder(model, tokenizer, max_new_tokens, slots, policy.stop, policy.pad,
+                                  complete)
     scored: list[_Trajectory] = []
     bar = tqdm(total=sum(len(scored_steps(it[0])) for it in items), desc="steps", unit="step",
                disable=None)
 
     def trajectories():
-        for k, (t, group, canonical, criteria) in enumerate(items):
+        for k, (t, group, read, criteria) in enumerate(items):
             tok = tokenize_steps(t, tokenizer)
-            item = _Trajectory(t, group, canonical, criteria, tok.input_ids, tok.step_spans)
+            item = _Trajectory(t, group, read, criteria, tok.input_ids, tok.step_spans)
             _teacher_forced(policy, item)
             scored.append(item)
             kv, item.kv = item.kv, None  # the decoder holds it while its steps run
@@ -634,11 +641,14 @@ def _fmt(est: dict[str, float], spec: str = ".1f") -> str:
 
 
 # ---- the suite -----------------------------------------------------------------------------
-def load_suite(envs: dict[str, tuple[str, DictConfig]], cfg: DictConfig
+def load_suite(envs: dict[str, tuple[str, DictConfig]], cfg: DictConfig,
+               actions: ActionFormat | None = None
                ) -> tuple[list[tuple[Trajectory, str, Callable, dict[int, str]]], dict[str, str]]:
-    """The test trajectories of every environment of the eval suite, with their criteria.
+    """The test trajectories of every environment of the eval suite, with their criteria, in
+    the agent's action format (``actions``, default text).
 
     Returns the scoring items and, per environment, its test-set file."""
+    actions = actions or ActionFormat()
     items, files = [], {}
     for name, (group, env_cfg) in envs.items():
         # one count for all, or per environment name, else per group (held_in / held_out)
@@ -650,9 +660,10 @@ def load_suite(envs: dict[str, tuple[str, DictConfig]], cfg: DictConfig
             raise ValueError(f"eval.steps.tasks for {name} must be >= 1, got {n}")
         trajectories, path = test_trajectories(env_cfg, n, cfg.seed, cfg.mistake_fraction)
         files[name] = str(path)
-        canonical = get_class(env_cfg._target_).canonical_action
+        cls = get_class(env_cfg._target_)
+        trajectories = [actions.convert(t, cls) for t in trajectories]
         for t, crit in zip(trajectories, step_criteria(trajectories, cfg.criteria_ratio)):
-            items.append((t, group, canonical, crit))
+            items.append((actions.view(t), group, actions.reader(cls), crit))
     return items, files
 
 

@@ -30,6 +30,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from atlas.data.datamodule import load_trajectories, split_trajectories
+from atlas.evaluation import in_action_format
 from atlas.model import load_model, load_tokenizer
 from atlas.selection import apply_selections, select_steps, summarize, write_selection
 from atlas.utils import (DDP_JOB_ENV, atomic_write, redact, single_log_handler,
@@ -176,6 +177,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # 1. expert trajectories
     d = cfg.data
     trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
+    trajectories = in_action_format(trajectories, cfg.eval)  # action_format=tools: as calls
     train_t, val_t = split_trajectories(trajectories, d.val_fraction)
 
     # 2. selection (selector + oracle + ratio; reused from selection_file, oracle answers cached)

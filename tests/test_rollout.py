@@ -96,7 +96,8 @@ class ScriptedPolicy:
         self.scripts = {k: list(v) for k, v in scripts.items()}
         self.batches = []
 
-    def prompt_ids(self, chat):
+    def prompt_ids(self, chat, tools=None):
+        self.tools = tools
         return [len(chat)]
 
     def generate(self, prompts, keys):

@@ -17,7 +17,7 @@ from atlas.data.formats import read_trajectories
 from atlas.data.masking import tokenize_steps
 from atlas.evaluation import environments, evaluate
 from atlas.model import load_model
-from atlas.rollout import Policy
+from atlas.rollout import ActionFormat, Policy
 from conftest import CONF, ROOT
 
 
@@ -94,8 +94,8 @@ def _items(tmp_path, mistake_fraction=1.0, tasks=2):
         cfg = OmegaConf.load(CONF / "env" / f"{name}.yaml")
         ts, _ = step_eval.test_trajectories(cfg, tasks, mistake_fraction=mistake_fraction,
                                             cache_root=tmp_path)
-        canonical = get_class(cfg._target_).canonical_action
-        items += [(t, group, canonical, c) for t, c in zip(ts, step_eval.step_criteria(ts, 0.3))]
+        read = ActionFormat().reader(get_class(cfg._target_))
+        items += [(t, group, read, c) for t, c in zip(ts, step_eval.step_criteria(ts, 0.3))]
     return items
 
 

@@ -359,3 +359,104 @@ def test_tool_trajectories_round_trip_through_formats_that_hold_them(tmp_path, f
     back = read_trajectories(write_trajectories(tmp_path / f"x.{fmt}.jsonl", trajs, fmt), fmt)
     assert [(t.chat(), t.tools, t.selected_steps) for t in back] == [
         (t.chat(), t.tools, t.selected_steps) for t in trajs]
+
+
+# ------------------------------------------------------- environments played by function calling
+
+
+def _env(name):
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from conftest import ROOT
+
+    return instantiate(OmegaConf.load(ROOT / "conf" / "env" / f"{name}.yaml"))
+
+
+def _written(m: Message, style: str) -> str:
+    """A step as a model writes it: Qwen2.5's <tool_call> block, Llama-3.1's bare JSON, or
+    atlas's text form."""
+    [c] = m.tool_calls
+    if style == "qwen":
+        return f'{m.content}\n<tool_call>\n{json.dumps({"name": c.name, "arguments": c.args})}\n</tool_call>'
+    if style == "llama":
+        return json.dumps({"name": c.name, "parameters": c.args})
+    return m.as_text()
+
+
+@pytest.mark.parametrize("env_name", ["maze", "babyai", "wordle"])
+@pytest.mark.parametrize("style", ["qwen", "llama", "text_form"])
+def test_rollouts_by_function_calling_replay_the_expert_in_the_tools_form(env_name, style):
+    """A policy that writes the expert's calls reproduces the expert trajectory converted to
+    the tools form, call ids and tool results included."""
+    from atlas.data.generate import expert_episode
+    from atlas.rollout import ActionFormat, EnvPool, run_episodes
+    from test_rollout import ScriptedPolicy
+
+    env = _env(env_name)
+    actions = ActionFormat("tools", tools_as_text=style == "text_form")
+    tasks = env.tasks("test", 3)
+    experts = {t.id: actions.convert(expert_episode(env, t), type(env)) for t in tasks}
+    for t in experts.values():  # every step is a call of the environment's tools
+        assert all(len(s.message.tool_calls) == 1 for s in t.steps)
+        assert {c["function"]["name"] for c in t.tools} >= {s.message.tool_calls[0].name for s in t.steps}
+    policy = ScriptedPolicy({k: [_written(s.message, style) for s in v.steps]
+                             for k, v in experts.items()})
+    episodes = run_episodes(policy, EnvPool({env_name: lambda: _env(env_name)}, instances=3), tasks,
+                            actions=actions)
+    for ep in episodes:
+        assert ep.status == "success" and ep.invalid == 0, ep.record()
+        expert = experts[ep.task.id]
+        if style == "llama":  # the text of a step is not in its response
+            expert = expert.with_selection(range(expert.num_steps))
+            for s in expert.steps:
+                s.message.content = ""
+        assert ep.trajectory.chat() == expert.chat()
+        assert ep.trajectory.tools == expert.tools
+    # the prompts carry the tools (or, rendered as text, carry them in the system prompt)
+    assert (policy.tools is None) == (style == "text_form")
+    env.close()
+
+
+def test_a_malformed_call_is_answered_as_an_observation():
+    from atlas.rollout import TOOL_HINT, ActionFormat, EnvPool, run_episodes
+    from test_rollout import ScriptedPolicy
+
+    env = _env("maze")
+    [task] = env.tasks("test", 1)
+    scripts = {task.id: ['<tool_call>{"name": "move", "arguments": {"direction": </tool_call>',
+                         '<tool_call>{"name": "fly", "arguments": {}}</tool_call>',
+                         'Action: move[north]']}
+    [ep] = run_episodes(ScriptedPolicy(scripts), EnvPool({"maze": lambda: _env("maze")}), [task],
+                        max_turns=3, actions=ActionFormat("tools"))
+    assert ep.invalid == 3 and ep.status == "max_turns"
+    assert [m.content for m in ep.trajectory.messages if m.role == "user"][1:] == [
+        f"Observation: {TOOL_HINT}"] * 2
+
+
+def test_step_evaluation_reads_calls_as_actions():
+    from omegaconf import OmegaConf
+
+    from atlas import step_eval
+    from atlas.rollout import ActionFormat
+    from conftest import ROOT
+
+    envs = {"maze": ("held_out", OmegaConf.load(ROOT / "conf" / "env" / "maze.yaml"))}
+    cfg = OmegaConf.create({"tasks": 2, "seed": 0, "mistake_fraction": 0.0, "criteria_ratio": 0.3})
+    items, _ = step_eval.load_suite(envs, cfg, ActionFormat("tools"))
+    t, group, read, _ = items[0]
+    call = t.steps[0].message.tool_calls[0]
+    assert call.name == "move" and t.tools[0]["function"]["name"] == "move"
+    right = call.args["direction"]
+    wrong = next(d for d in ("north", "south", "east", "west") if d != right)
+    for response, correct in [
+            (f'Go.\n<tool_call>\n{{"name": "move", "arguments": {{"direction": "{right}"}}}}\n</tool_call>', True),
+            (f'{{"name": "move", "parameters": {{"direction": "{right}"}}}}', True),
+            (f'<tool_call>{{"name": "move", "arguments": {{"direction": "{wrong}"}}}}</tool_call>', False),
+            (f"Action: move[{right}]", False)]:  # text actions are not calls
+        assert step_eval._judge(t, read, 0, response)["correct"] is correct, response
+    # as training with data.tools_as_text renders them: the expert's call is in its text
+    items, _ = step_eval.load_suite(envs, cfg, ActionFormat("tools", tools_as_text=True))
+    t, _, read, _ = items[0]
+    assert t.tools is None and "<tool_call>" in t.steps[0].message.content
+    assert step_eval._judge(t, read, 0, t.steps[0].message.content)["correct"]

@@ -2,6 +2,7 @@
 
     python -m atlas.data.generate env=babyai n=500
     python -m atlas.data.generate env=wordle n=200 mistake_fraction=0.3 output=wordle.jsonl
+    python -m atlas.data.generate env=maze n=50 action_format=tools format=openai   # function calls
 
 Each trajectory is the episode as the agent sees it (the environment's instruction as system
 prompt, the goal and observations as user turns, "Thought: ...\\nAction: ..." as assistant
@@ -118,6 +119,11 @@ def main(cfg: DictConfig) -> None:
                                         cfg.seed, tuple(cfg.mistake_steps))
     finally:
         env.close()
+    if cfg.get("action_format", "text") != "text":  # the same episodes, acted by function calls
+        from atlas.rollout import ActionFormat
+
+        actions = ActionFormat(cfg.action_format)
+        trajectories = [actions.convert(t, type(env)) for t in trajectories]
     write_trajectories(cfg.output, trajectories, cfg.format)
     mistakes = sum(t.meta["mistake_step"] is not None for t in trajectories)
     steps = sum(t.num_steps for t in trajectories)

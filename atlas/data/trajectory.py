@@ -19,6 +19,7 @@ system prompt between ``<tools>`` and ``</tools>``, one per line.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -237,8 +238,9 @@ class Trajectory:
             messages.append(dataclasses.replace(m, role="user" if m.role == "tool" else m.role,
                                                 content=text, tool_calls=[], tool_call_id=None,
                                                 name=None))
-        return dataclasses.replace(self, messages=messages, system=system, tools=None,
-                                   meta=dict(self.meta))
+        out = copy.copy(self)  # not replace(): an episode's trajectory may have no step yet
+        out.messages, out.system, out.tools, out.meta = messages, system, None, dict(self.meta)
+        return out
 
     def with_selection(
         self,

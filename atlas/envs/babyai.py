@@ -19,7 +19,7 @@ from minigrid.envs.babyai.core.verifier import ObjDesc
 from minigrid.utils.baby_ai_bot import (BabyAIBot, DropSubgoal, ExploreSubgoal, GoNextToSubgoal,
                                         OpenSubgoal, PickupSubgoal)
 
-from atlas.envs.base import Environment, Feedback, Task
+from atlas.envs.base import Environment, Feedback, Task, tool
 
 #: Text command -> minigrid action index (``MiniGridEnv.Actions``).
 ACTIONS = {"turn left": 0, "turn right": 1, "go forward": 2, "pick up": 3, "drop": 4,
@@ -91,6 +91,22 @@ class BabyAIEnv(Environment):
         "Thought: <reasoning>\nAction: <one of: turn left, turn right, go forward, pick up, drop, "
         "toggle>\n'toggle' opens the door in front of you; 'pick up' takes the object in front of "
         "you.")
+
+    tools_instruction = (
+        "You are an agent in a grid world. You see what is in front of you and to your sides. "
+        "Complete the mission. 'toggle' opens the door in front of you; 'pick_up' takes the "
+        "object in front of you.")
+    tools = [tool(a.replace(" ", "_"), f"{a.capitalize()}.") for a in ACTIONS if a != "done"]
+
+    @classmethod
+    def action_to_call(cls, action: str) -> tuple[str, dict] | None:
+        index = parse_action(action)
+        return None if index is None else (ACTION_NAMES[index].replace(" ", "_"), {})
+
+    @classmethod
+    def call_to_action(cls, name: str, args: dict) -> str | None:
+        action = name.replace("_", " ")
+        return action if action in ACTIONS else None
 
     def __init__(self, name: str, tasks: list[str], max_turns: int = 30):
         super().__init__(name, tasks, max_turns)

@@ -7,6 +7,12 @@ state, with a thought that states real information (plan, what was observed, why
 matters), so that a step selector has something to judge. ``mistake()`` returns a plausible
 wrong action, used to build trajectories with a genuine self-correction step.
 
+With ``action_format=tools`` the same games are played by function calling: each environment
+lists its actions as ``tools`` (JSON schemas) and maps a call to the action text it stands for
+(``call_to_action``) and back (``action_to_call``). The default is one tool, ``act``, that takes
+the game's command as text (TextWorld-Express, ScienceWorld); BabyAI, Maze and Wordle have one
+tool per action or a typed argument.
+
 Environments never raise on a bad action string: an unknown or invalid action is answered with
 an observation saying so. A crash of the engine itself is an exception, which the rollout loop
 records as a failed episode.
@@ -66,6 +72,18 @@ class Feedback:
     success: bool = False
 
 
+def tool(name: str, description: str, properties: dict | None = None) -> dict:
+    """A function-calling tool schema (OpenAI / Hugging Face layout)."""
+    properties = properties or {}
+    return {"type": "function", "function": {
+        "name": name, "description": description,
+        "parameters": {"type": "object", "properties": properties,
+                       "required": sorted(properties)}}}
+
+
+TOOLS_NOTE = "Each turn, write your reasoning, then call exactly one tool."
+
+
 class Environment(abc.ABC):
     """A text environment with an expert.
 
@@ -77,6 +95,29 @@ class Environment(abc.ABC):
 
     #: Rules and action format, used as the system prompt of every episode.
     instruction: str = ""
+    #: The actions as function-calling tools (``action_format=tools``).
+    tools: list[dict] = [tool("act", "Send one command to the game, in the game's words.",
+                              {"command": {"type": "string"}})]
+    #: The rules without the text action format, for ``action_format=tools`` (None:
+    #: ``instruction``); :data:`TOOLS_NOTE` is appended.
+    tools_instruction: str | None = None
+
+    @classmethod
+    def system_prompt(cls, action_format: str = "text") -> str:
+        if action_format == "text":
+            return cls.instruction
+        return f"{cls.tools_instruction or cls.instruction}\n\n{TOOLS_NOTE}"
+
+    @classmethod
+    def action_to_call(cls, action: str) -> tuple[str, dict] | None:
+        """The tool call that stands for a text action (None: it stands for none)."""
+        return "act", {"command": action}
+
+    @classmethod
+    def call_to_action(cls, name: str, args: dict) -> str | None:
+        """The text action a tool call stands for, or None (an unknown tool, bad arguments)."""
+        command = args.get("command") if name == "act" else None
+        return command.strip() or None if isinstance(command, str) else None
 
     def __init__(self, name: str, tasks: list[str], max_turns: int = 30):
         if not tasks:

@@ -21,7 +21,7 @@ from collections import deque
 import numpy as np
 from gymnasium.envs.toy_text.frozen_lake import generate_random_map
 
-from atlas.envs.base import Environment, Feedback, Task
+from atlas.envs.base import Environment, Feedback, Task, tool
 
 MOVES = {"north": (-1, 0), "east": (0, 1), "south": (1, 0), "west": (0, -1)}
 ALIASES = {"n": "north", "up": "north", "s": "south", "down": "south", "e": "east",
@@ -64,6 +64,24 @@ class MazeEnv(Environment):
         "are (row, column): row 0 is the north edge, column 0 the west edge. Act with "
         "move[north], move[south], move[east] or move[west]. Stepping into a hole (H) ends the "
         "episode as a failure; walking into the edge leaves you where you are.")
+
+    tools_instruction = (
+        "You walk on a frozen lake laid out as a grid, from your start to the goal G. Positions "
+        "are (row, column): row 0 is the north edge, column 0 the west edge. Move one cell per "
+        "turn with the move tool. Stepping into a hole (H) ends the episode as a failure; "
+        "walking into the edge leaves you where you are.")
+    tools = [tool("move", "Move one cell.", {"direction": {
+        "type": "string", "enum": ["north", "south", "east", "west"]}})]
+
+    @classmethod
+    def action_to_call(cls, action: str) -> tuple[str, dict] | None:
+        direction = parse(action)
+        return None if direction is None else ("move", {"direction": direction})
+
+    @classmethod
+    def call_to_action(cls, name: str, args: dict) -> str | None:
+        direction = args.get("direction")
+        return f"move[{direction}]" if name == "move" and isinstance(direction, str) else None
 
     def __init__(self, name: str = "maze", tasks: list[str] = ("maze-4x4",), max_turns: int = 40,
                  p: float = 0.8, show_map: bool = True):

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas.envs.base import SPLITS, Environment, Feedback, Task, stable_hash
+from atlas.envs.base import SPLITS, Environment, Feedback, Task, stable_hash, tool
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "wordle"
 GREY, YELLOW, GREEN = 0, 1, 2
@@ -118,6 +118,23 @@ class WordleEnv(Environment):
         "position (G), in word but wrong position (Y), or not in word (-); a repeated letter "
         "marked '-' means the word has no more copies of it. Guessing an unknown word or an "
         "invalid action uses no guess.")
+
+    tools_instruction = (
+        "You play Wordle: find the hidden 5-letter English word in 6 guesses, one guess per turn "
+        "with the guess tool. After each guess every letter is marked: correct position (G), in "
+        "word but wrong position (Y), or not in word (-); a repeated letter marked '-' means the "
+        "word has no more copies of it. Guessing an unknown word uses no guess.")
+    tools = [tool("guess", "Guess a 5-letter English word.", {"word": {"type": "string"}})]
+
+    @classmethod
+    def action_to_call(cls, action: str) -> tuple[str, dict] | None:
+        word = cls.canonical_action(action)
+        return None if word is None else ("guess", {"word": word})
+
+    @classmethod
+    def call_to_action(cls, name: str, args: dict) -> str | None:
+        word = args.get("word")
+        return f"guess[{word}]" if name == "guess" and isinstance(word, str) else None
 
     def __init__(self, name: str = "wordle", tasks: list[str] = ("wordle",), max_turns: int = 10):
         super().__init__(name, list(tasks), max_turns)
