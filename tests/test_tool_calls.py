@@ -351,14 +351,20 @@ def test_train_with_tools_as_text_on_a_template_without_tools(tmp_path):
         train(cfg)
 
 
-@pytest.mark.parametrize("fmt", ["atlas", "openai"])
+@pytest.mark.parametrize("fmt", ["atlas", "openai", "anthropic"])
 def test_tool_trajectories_round_trip_through_formats_that_hold_them(tmp_path, fmt):
-    trajs = [t for f in ("openai.jsonl", "sharegpt.json", "adp.jsonl")
+    trajs = [t for f in ("openai.jsonl", "sharegpt.json", "adp.jsonl", "anthropic.jsonl")
              for t in read_trajectories(CALLS / f)]
-    trajs = [t.with_selection(range(0, t.num_steps, 2)) for t in trajs]
+    if fmt != "anthropic":  # it has no selection field (all steps read back as selected)
+        trajs = [t.with_selection(range(0, t.num_steps, 2)) for t in trajs]
     back = read_trajectories(write_trajectories(tmp_path / f"x.{fmt}.jsonl", trajs, fmt), fmt)
-    assert [(t.chat(), t.tools, t.selected_steps) for t in back] == [
-        (t.chat(), t.tools, t.selected_steps) for t in trajs]
+    def keep(t):
+        if fmt != "anthropic":
+            return t.chat(), t.tools, t.selected_steps
+        # a tool_result block names its call by id only, not the function
+        return [{k: v for k, v in m.items() if not (m["role"] == "tool" and k == "name")}
+                for m in t.chat()], t.tools
+    assert [keep(t) for t in back] == [keep(t) for t in trajs]
 
 
 # ------------------------------------------------------- environments played by function calling
@@ -460,3 +466,23 @@ def test_step_evaluation_reads_calls_as_actions():
     t, _, read, _ = items[0]
     assert t.tools is None and "<tool_call>" in t.steps[0].message.content
     assert step_eval._judge(t, read, 0, t.steps[0].message.content)["correct"]
+
+
+def test_anthropic_tool_use_blocks(caplog):
+    [t] = read_trajectories(CALLS / "anthropic.jsonl")  # detected by its content blocks
+    assert [m.role for m in t.messages] == ["user", "assistant", "tool", "assistant", "tool", "tool",
+                                            "assistant"]
+    first, parallel, answer = (s.message for s in t.steps)
+    assert first.content == "Let me check March 3 first."
+    assert (first.tool_calls[0].name, first.tool_calls[0].args, first.tool_calls[0].id) == (
+        "list_events", {"date": "2027-03-03"}, "toolu_01")
+    assert [c.id for c in parallel.tool_calls] == ["toolu_02", "toolu_03"]
+    assert [m.content for m in t.messages if m.role == "tool"] == ["[]", "created", '["Dentist"]']
+    assert t.tools[0]["input_schema"]["required"] == ["date"]
+    back = trajectory_to_record(t, "anthropic")
+    original = _lines(CALLS / "anthropic.jsonl")[0]
+    # the same record, except a result's text blocks come back as one string
+    original["messages"][4]["content"][1]["content"] = '["Dentist"]'
+    assert back == original
+    ex = encode(t, tool_tokenizer("qwen2_5"))  # and it trains like any other
+    assert len(supervised_runs(ex, tool_tokenizer("qwen2_5"))) == 3

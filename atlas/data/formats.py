@@ -4,18 +4,29 @@ Formats (``format=`` in configs and functions):
 
 - ``atlas``: the project's own JSONL, one trajectory per line::
 
-      {"id": ..., "env": ..., "system": null, "meta": {...},
+      {"id": ..., "env": ..., "system": null, "meta": {...}, "tools": [...],
        "messages": [{"role": "user", "content": ...},
                     {"role": "assistant", "content": ..., "selected": true,
-                     "criterion": "Plan Creation", "reason": ...}]}
+                     "criterion": "Plan Creation", "reason": ...,
+                     "tool_calls": [{"name", "arguments", "id"}]},
+                    {"role": "tool", "content": ..., "tool_call_id": ..., "name": ...}]}
 
 - ``agentgym``: AgentGym / AgentInstruct (AgentTraj) records, a JSON array or JSONL:
   ``{"item_id"|"id", "conversations": [{"from": "human"|"gpt", "value", "loss"}]}``.
   ``loss`` on a gpt turn is the step's ``selected`` flag (null reads as true).
-- ``openai``: OpenAI chat fine-tuning JSONL, ``{"messages": [{"role", "content", "weight"}]}``;
-  ``weight`` (0/1) on an assistant turn is its ``selected`` flag (absent reads as 1).
-- ``sharegpt``: ``{"id"?, "system"?, "conversations": [{"from", "value"}]}``. It has no way to
-  record a selection: every step reads as selected, and writing a partial selection warns.
+- ``openai``: OpenAI chat fine-tuning JSONL, ``{"messages": [{"role", "content", "weight",
+  "tool_calls", "tool_call_id"}], "tools"}``; ``weight`` (0/1) on an assistant turn is its
+  ``selected`` flag (absent reads as 1); ``content`` is null on a turn that only calls tools.
+- ``sharegpt``: ``{"id"?, "system"?, "tools"?, "conversations": [{"from", "value"}]}``, with
+  LLaMA-Factory's ``function_call`` turns (the JSON text of ``{"name", "arguments"}`` or of a
+  list of them) and ``observation`` turns (a call's result). It has no way to record a
+  selection: every step reads as selected, and writing a partial selection warns.
+- ``anthropic``: Anthropic Messages, ``{"system"?, "tools"?, "messages": [{"role", "content":
+  str | [{"type": "text"|"tool_use"|"tool_result", ...}]}]}``; no selection field.
+- ``adp`` (read only): the Agent Data Protocol's standardized trajectories (see ``_from_adp``).
+
+Fields a reader does not use are kept (``extra``) and written back by the same format's writer;
+the reader warns once per file with their counts.
 
 A record without an id (``openai`` always, ``sharegpt`` often) gets ``t-<hash of its text>``, so
 its id, and the validation split chosen by hashing ids, do not move when the file is renamed or
@@ -36,8 +47,8 @@ from atlas.utils import ConfigError, UserError, atomic_write, resolve_path
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("atlas", "agentgym", "openai", "sharegpt", "adp")
-WRITABLE = ("atlas", "agentgym", "openai", "sharegpt")
+FORMATS = ("atlas", "agentgym", "openai", "sharegpt", "anthropic", "adp")
+WRITABLE = ("atlas", "agentgym", "openai", "sharegpt", "anthropic")
 
 
 class DataFormatError(UserError, ValueError):
@@ -384,6 +395,72 @@ def _to_sharegpt(t: Trajectory) -> dict:
     return {**rec, **t.extra}
 
 
+# ----------------------------------------------------------------------------------- anthropic
+
+# Anthropic Messages: content is a string or blocks; an assistant's ``tool_use`` blocks are its
+# calls, a user turn's ``tool_result`` blocks the results (each a tool message, in order).
+
+
+def _from_anthropic(rec: dict, ctx: dict) -> Trajectory:
+    messages: list[Message] = []
+    for _, f, m in _objects(rec, "messages"):
+        role = _req(m, "role", str, f + ".role")
+        extra = _unknown(m, {"role", "content"}, ctx, "messages[]")
+        content = _req(m, "content", (str, list), f + ".content")
+        if isinstance(content, str):
+            messages.append(_message(role, content, None, f + ".role", extra=extra))
+            continue
+        texts, calls = [], []
+        for _, g, b in _objects(m, "content"):
+            g, kind = f"{f}.{g}", _req(b, "type", str, f"{f}.{g}.type")
+            if kind == "text":
+                texts.append(_req(b, "text", str, g + ".text"))
+            elif kind == "tool_use" and role == "assistant":
+                calls.append(_call(_req(b, "name", str, g + ".name"), _req(b, "input", dict, g + ".input"),
+                                   b.get("id"), g, _unknown(b, {"type", "id", "name", "input"}, ctx,
+                                                            "content[].tool_use")))
+            elif kind == "tool_result" and role == "user":
+                result = _req(b, "content", (str, list), g + ".content")
+                if isinstance(result, list):
+                    result = "\n".join(_req(x, "text", str, g + ".content[].text") for x in result)
+                _check_result(messages, b.get("tool_use_id"), g)
+                messages.append(_message("tool", result, None, g,
+                                         tool_call_id=_opt(b, "tool_use_id", str, field=g + ".tool_use_id"),
+                                         extra=_unknown(b, {"type", "tool_use_id", "content"}, ctx,
+                                                        "content[].tool_result")))
+            else:
+                raise _FieldError(g + ".type", f"a {role} turn cannot hold a {kind!r} block")
+        if texts or calls or role == "assistant":
+            messages.append(_message(role, "\n".join(texts), None, f + ".role", tool_calls=calls,
+                                     extra=extra))
+    return _trajectory(id=_content_id(ctx, _opt(rec, "system", str), messages),
+                       env=ctx["env"] or ctx["stem"], messages=messages,
+                       system=_opt(rec, "system", str), tools=_tools(rec),
+                       extra=_unknown(rec, {"system", "messages", "tools"}, ctx, "record"))
+
+
+def _to_anthropic(t: Trajectory) -> dict:
+    msgs: list[dict] = []
+    for m in t.messages:
+        if m.role == "tool":
+            block = {"type": "tool_result", **({"tool_use_id": m.tool_call_id} if m.tool_call_id else {}),
+                     "content": m.content, **m.extra}
+            if msgs and msgs[-1]["role"] == "user" and isinstance(msgs[-1]["content"], list):
+                msgs[-1]["content"].append(block)  # results of one turn share a user turn
+            else:
+                msgs.append({"role": "user", "content": [block]})
+            continue
+        if not m.tool_calls:
+            msgs.append({"role": m.role, "content": m.content, **m.extra})
+            continue
+        blocks = [{"type": "text", "text": m.content}] if m.content else []
+        blocks += [{"type": "tool_use", **({"id": c.id} if c.id else {}), "name": c.name,
+                    "input": c.args, **c.extra} for c in m.tool_calls]
+        msgs.append({"role": m.role, "content": blocks, **m.extra})
+    rec: dict[str, Any] = {"system": t.system} if t.system is not None else {}
+    return {**rec, "messages": msgs, **({"tools": t.tools} if t.tools else {}), **t.extra}
+
+
 # ----------------------------------------------------------------- agent data protocol (adp)
 
 # ADP (neulab/agent-data-protocol) standardized trajectories: {"id", "content": [items], "details",
@@ -478,9 +555,10 @@ def _from_adp(rec: dict, ctx: dict) -> Trajectory:
 
 _READERS: dict[str, Callable[[dict, dict], Trajectory]] = {
     "atlas": _from_atlas, "agentgym": _from_agentgym, "openai": _from_openai,
-    "sharegpt": _from_sharegpt, "adp": _from_adp}
+    "sharegpt": _from_sharegpt, "anthropic": _from_anthropic, "adp": _from_adp}
 _WRITERS: dict[str, Callable[[Trajectory], dict]] = {
-    "atlas": _to_atlas, "agentgym": _to_agentgym, "openai": _to_openai, "sharegpt": _to_sharegpt}
+    "atlas": _to_atlas, "agentgym": _to_agentgym, "openai": _to_openai, "sharegpt": _to_sharegpt,
+    "anthropic": _to_anthropic}
 
 
 def detect_format(record: dict) -> str:
@@ -490,11 +568,16 @@ def detect_format(record: dict) -> str:
         gym = "item_id" in record or any(isinstance(t, dict) and "loss" in t for t in turns)
         return "agentgym" if gym else "sharegpt"
     if "messages" in record:
-        return "atlas" if "env" in record and "id" in record else "openai"
+        if "env" in record and "id" in record:
+            return "atlas"
+        msgs = record["messages"] if isinstance(record["messages"], list) else []
+        blocks = any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs)
+        return "anthropic" if blocks or any(isinstance(t, dict) and "input_schema" in t
+                                            for t in record.get("tools") or []) else "openai"
     if isinstance(record.get("content"), list) and "id" in record:
         return "adp"
     raise _FieldError(None, "cannot tell the format: no 'messages' or 'conversations' field "
-                            "(pass format=atlas|agentgym|openai|sharegpt|adp)")
+                            "(pass format=atlas|agentgym|openai|sharegpt|anthropic|adp)")
 
 
 def _records(path: Path) -> Iterable[tuple[str, int, Any]]:
@@ -586,11 +669,12 @@ def write_trajectories(path: str | Path, trajectories: Iterable[Trajectory], for
     if format not in _WRITERS:
         raise ValueError(f"cannot write trajectory format {format!r}; expected one of {WRITABLE}")
     trajectories = list(trajectories)
-    if format == "sharegpt":
+    if format in ("sharegpt", "anthropic"):
         partial = sum(t.num_steps != len(t.selected_steps) for t in trajectories)
         if partial:
-            log.warning("sharegpt cannot record step selection: %d trajectories with unselected "
-                        "steps are written as fully supervised (use agentgym or openai)", partial)
+            log.warning("%s cannot record step selection: %d trajectories with unselected steps "
+                        "are written as fully supervised (use agentgym or openai)", format, partial)
+    if format == "sharegpt":
         split = sum(bool(m.content and m.tool_calls) for t in trajectories for m in t.messages)
         if split:
             log.warning("sharegpt has no turn with both text and a call: %d steps are written as "
