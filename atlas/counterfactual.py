@@ -116,15 +116,18 @@ def task_of(trajectory: Trajectory) -> Task:
                 split=str(meta["split"]))
 
 
-def recorded_actions(trajectory: Trajectory) -> list[str]:
-    """The action of every step, as the rollout loop parses it.
+def recorded_actions(trajectory: Trajectory, env_cls: type[Environment] = Environment) -> list[str]:
+    """The action of every step, as the rollout loop parses it: its ``Action:`` line, or the
+    action its tool call stands for (``action_format=tools``).
 
     Raises:
         ValueError: naming the trajectory and the step whose turn has no action.
     """
     actions = []
     for step in trajectory.steps:
-        action = parse_action(step.message.content)
+        calls = step.message.tool_calls
+        action = (env_cls.call_to_action(calls[0].name, calls[0].args) if calls
+                  else parse_action(step.message.content))
         if action is None:
             raise ValueError(f"trajectory {trajectory.id}: step {step.index} has no "
                              "'Action:' line to replay")
@@ -138,7 +141,8 @@ def _expected_observations(trajectory: Trajectory) -> list[str | None]:
     messages = trajectory.messages
     for step in trajectory.steps:
         after = messages[step.message_index + 1] if step.message_index + 1 < len(messages) else None
-        out.append(after.content if after is not None and after.role == "user" else None)
+        out.append(None if after is None or after.role == "assistant" else
+                   observation_turn(after.content) if after.role == "tool" else after.content)
     # The generator drops the final observation from the messages and keeps it in meta.
     final = trajectory.meta.get("final_observation")
     if out and out[-1] is None and final is not None:
@@ -152,7 +156,7 @@ class _Replay:
     def __init__(self, env: Environment, trajectory: Trajectory):
         self.env, self.trajectory = env, trajectory
         self.task = task_of(trajectory)
-        self.actions = recorded_actions(trajectory)
+        self.actions = recorded_actions(trajectory, type(env))
         self.expected = _expected_observations(trajectory)
         mistake = trajectory.meta.get("mistake_step")
         self.mistake_step = int(mistake) if mistake is not None else None

@@ -486,3 +486,20 @@ def test_anthropic_tool_use_blocks(caplog):
     assert back == original
     ex = encode(t, tool_tokenizer("qwen2_5"))  # and it trains like any other
     assert len(supervised_runs(ex, tool_tokenizer("qwen2_5"))) == 3
+
+
+@pytest.mark.parametrize("env_name, tid", [("babyai", "babyai/BabyAI-PickupLoc-v0/train/0"),
+                                           ("wordle", None)])
+def test_counterfactual_costs_are_the_same_in_the_tools_form(env_name, tid):
+    from atlas.counterfactual import step_costs
+    from atlas.rollout import ActionFormat
+    from conftest import ROOT
+
+    env = _env(env_name)
+    data = read_trajectories(ROOT / "atlas" / "data" / "default" / f"{env_name}.jsonl")
+    t = next(x for x in data if x.id == tid) if tid else next(
+        x for x in data if x.meta["mistake_step"] is not None)  # a recorded mistake replays too
+    tools = ActionFormat("tools").convert(t, type(env))
+    assert tools.steps[0].message.tool_calls and tools.messages[2].role == "tool"
+    assert step_costs(env, tools) == step_costs(env, t)
+    env.close()
