@@ -977,9 +977,10 @@ def _thought_action(message: Message) -> tuple[str, str]:
     """A step's thought and action: its text, or (for a step that calls tools) its text and
     its calls."""
     content = message.content
-    if message.tool_calls:
-        calls = "; ".join(f"{c.name} {json.dumps(c.args, ensure_ascii=False)}"
-                          for c in message.tool_calls)
+    if message.tool_calls:  # "pick_up {}" reads as "pick up", move(direction=north) as "move north"
+        calls = "; ".join(" ".join([c.name.replace("_", " ")] + [
+            v if isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in c.args.values()])
+            for c in message.tool_calls)
         return re.sub(r"^\s*Thought\s*:\s*", "", content).strip(), calls
     m = re.search(r"Action\s*:\s*(.*)", content, re.S)
     action = m.group(1).strip() if m else ""
@@ -1043,7 +1044,7 @@ class HeuristicOracle(Oracle):
             thought, action = _thought_action(m)
             turns.append((last_user, thought, action, nxt,
                           seen_before[-1] if seen_before else set()))
-            text_so_far |= _words(m.content)
+            text_so_far |= _words(f"{thought} {action}" if m.tool_calls else m.content)
         n = len(turns)
         plan_hits = [[bool(p.search(t[1])) for p in _PLAN] for t in turns]
         common = [sum(h[j] for h in plan_hits) > max(1, n // 2) for j in range(len(_PLAN))]

@@ -670,6 +670,10 @@ def run(cfg) -> dict[str, Any]:
         raise ValueError(f"split must be 'train' or 'all', got {cfg.split!r}")
     d = cfg.data
     trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
+    if cfg.get("eval") is not None:  # action_format=tools: as train.py sees them
+        from atlas.evaluation import in_action_format
+
+        trajectories = in_action_format(trajectories, cfg.eval)
     if cfg.split == "train":
         trajectories, _ = split_trajectories(trajectories, d.val_fraction)
     selector = instantiate(cfg.selector)

@@ -302,7 +302,7 @@ def test_oracle_and_heuristic_see_calls_and_results():
     scores = HeuristicOracle().scores(t)
     assert len(scores) == t.num_steps == 3
     # the call is the step's action; the tool result is the observation it acts on
-    assert "cancel_order" in scores[1]["Critical Action"][1]
+    assert "cancel order #W1" in scores[1]["Critical Action"][1]
     assert "orders" in scores[1]["Critical Observation"][1]
 
 
