@@ -1038,8 +1038,10 @@ class HeuristicOracle(Oracle):
                 last_user = (last_user + "\n" + m.content).strip()
                 text_so_far |= _words(m.content)
                 continue
-            nxt = "\n".join(x.content for x in itertools.takewhile(
-                lambda x: x.role != "assistant", msgs[i + 1:])) or (
+            results = [x.content for x in itertools.takewhile(lambda x: x.role == "tool",
+                                                               msgs[i + 1:])]
+            nxt = "\n".join(results) if results else next(  # a call's results, or the next turn
+                (x.content for x in msgs[i + 1:] if x.role == "user"),
                 trajectory.meta.get("final_observation") or "")
             thought, action = _thought_action(m)
             turns.append((last_user, thought, action, nxt,

@@ -60,25 +60,45 @@ def parse_action(text: str) -> str | None:
 _DECODER = json.JSONDecoder()
 
 
-def parse_call(text: str) -> tuple[str, dict, int] | None:
-    """The first tool call written in ``text``: a JSON object with a ``name`` and an object of
-    ``arguments`` (Qwen2.5 / Hermes ``<tool_call>`` blocks, atlas's text form) or
-    ``parameters`` (Llama-3.1), as (name, arguments, where the object starts); or None."""
-    for m in re.finditer(r"\{", text):
+def _call_at(text: str, start: int) -> tuple[str, dict, int] | None:
+    """The call whose JSON object starts at ``start``, or None."""
+    try:
+        obj, _ = _DECODER.raw_decode(text, start)
+    except ValueError:
+        return None
+    if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):  # OpenAI-style arguments as JSON text
         try:
-            obj, _ = _DECODER.raw_decode(text, m.start())
+            args = json.loads(args) if args.strip() else {}
         except ValueError:
-            continue
-        if not (isinstance(obj, dict) and isinstance(obj.get("name"), str)):
-            continue
-        args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(args, str):  # OpenAI-style arguments as JSON text
-            try:
-                args = json.loads(args)
-            except ValueError:
-                continue
-        if isinstance(args, dict):
-            return obj["name"], args, m.start()
+            return None
+    return (obj["name"], args, start) if isinstance(args, dict) else None
+
+
+def parse_call(text: str) -> tuple[str, dict, int] | None:
+    """The first tool call written in ``text``, as (name, arguments, where its JSON starts), or
+    None. Inside ``<tool_call>`` tags (Qwen2.5 / Hermes, atlas's text form) the object right
+    after the first tag that holds one; without tags (Llama-3.1's bare JSON) the first
+    top-level object with a ``name``. Arguments are ``arguments`` or ``parameters``. An object
+    not yet closed is no call, so decoding goes on until it is."""
+    tags = [m.end() for m in re.finditer(r"<tool_call>", text)]
+    if tags:
+        for end in tags:
+            brace = re.compile(r"\s*\{").match(text, end)
+            if brace and (call := _call_at(text, brace.end() - 1)):
+                return call
+        return None
+    pos = text.find("{")
+    while pos >= 0:  # top level only: an argument object is never read as a call
+        try:
+            _, end = _DECODER.raw_decode(text, pos)
+        except ValueError:
+            return None  # unclosed (still being written) or malformed
+        if call := _call_at(text, pos):
+            return call
+        pos = text.find("{", end)
     return None
 
 
@@ -170,13 +190,13 @@ class ActionFormat:
                 steps += 1  # ids as the rollout loop gives them: call_<turn>
                 action = parse_action(m.content)
                 call = action and env_cls.action_to_call(action)
-                if call:
-                    thought = ACTION.split(m.content)[0]
-                    thought = re.sub(r"^\s*Thought\s*:\s*", "", thought).strip()
+                if call:  # the thought: all before the Action: that parse_action read
+                    last = [a for a in ACTION.finditer(m.content)][-1]
+                    thought = re.sub(r"^\s*Thought\s*:\s*", "", m.content[:last.start()]).strip()
                     m = dataclasses.replace(m, content=thought, tool_calls=[
                         ToolCall(call[0], call[1], id=f"call_{steps}")])
             elif prev is not None and prev.tool_calls:
-                m = self.observation(re.sub(r"^Observation:\s*", "", m.content), prev)
+                m = self.observation(m.content.removeprefix("Observation: "), prev)
             messages.append(m)
         return dataclasses.replace(trajectory, messages=messages, tools=list(env_cls.tools),
                                    system=env_cls.system_prompt(self.kind),

@@ -503,3 +503,106 @@ def test_counterfactual_costs_are_the_same_in_the_tools_form(env_name, tid):
     assert tools.steps[0].message.tool_calls and tools.messages[2].role == "tool"
     assert step_costs(env, tools) == step_costs(env, t)
     env.close()
+
+
+# ------------------------------------------------------------------------------- edge cases
+
+
+def test_fields_from_another_format_never_override_the_selection(tmp_path):
+    """A ShareGPT turn's own 'weight' field is not OpenAI's weight: written as OpenAI, the
+    selection decides, and the foreign field stays out."""
+    p = tmp_path / "s.json"
+    p.write_text(json.dumps([{"conversations": [
+        {"from": "human", "value": "q"}, {"from": "gpt", "value": "a", "weight": 0},
+        {"from": "human", "value": "r"}, {"from": "gpt", "value": "b", "weight": 1}]}]))
+    [t] = read_trajectories(p)
+    rec = trajectory_to_record(t.with_selection([0]), "openai")
+    assert [m.get("weight") for m in rec["messages"] if m["role"] == "assistant"] == [1, 0]
+    back = trajectory_to_record(t, "sharegpt")  # its own format gets them back
+    assert [c.get("weight") for c in back["conversations"]] == [None, 0, None, 1]
+
+
+def test_openai_content_parts_are_not_read_as_anthropic(tmp_path):
+    p = tmp_path / "parts.jsonl"
+    p.write_text(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "q"}]},
+                                          {"role": "assistant", "content": "a", "weight": 0}]}) + "\n")
+    with pytest.raises(DataFormatError, match=r"parts.jsonl:1: field 'messages\[0\].content': "
+                                              r"expected str, got list"):
+        read_trajectories(p)
+
+
+@pytest.mark.parametrize("record, message", [
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]},
+                   {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t", "content": [5]}]}]},
+     "field 'messages[2].content[0].content[0]': expected an object"),
+    ({"messages": [{"role": "user", "content": "q"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "a", "type": "function", "function": {"name": "f", "arguments": ""}}]},
+                   {"role": "tool", "tool_call_id": 7, "content": "r"}]},
+     "field 'messages[2].tool_call_id': expected str, got int"),
+    ({"id": "x", "content": [
+        {"class_": "text_observation", "content": "q", "source": "user"},
+        {"class_": "api_action", "function": "f", "kwargs": {}, "tool_call_id": "c1"},
+        {"class_": "text_observation", "content": "r", "source": "environment", "tool_call_id": "c9"}]},
+     "field 'content[2].tool_call_id': 'c9' answers no pending call"),
+])
+def test_more_bad_tool_input(tmp_path, record, message):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataFormatError) as e:
+        read_trajectories(p)
+    assert message in str(e.value), str(e.value)
+
+
+def test_empty_arguments_text_is_a_call_without_parameters(tmp_path):
+    p = tmp_path / "noargs.jsonl"
+    p.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "time?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function", "function": {"name": "now", "arguments": ""}}]}]}) + "\n")
+    [t] = read_trajectories(p)
+    assert t.steps[0].message.tool_calls[0].args == {}
+    assert trajectory_to_record(t, "openai")["messages"][1]["tool_calls"][0]["function"]["arguments"] == ""
+
+
+def test_as_text_merges_only_results_of_one_step():
+    t = Trajectory("x", "e", [
+        Message("user", "q"),
+        Message("assistant", "", tool_calls=[ToolCall("f", {}, id="a"), ToolCall("g", {}, id="b")]),
+        Message("user", "also hurry"),
+        Message("tool", "A", tool_call_id="a"), Message("tool", "B", tool_call_id="b")])
+    assert [(m.role, m.content) for m in t.as_text().messages[2:]] == [
+        ("user", "also hurry"), ("user", "<tool_response>A</tool_response>\n<tool_response>B</tool_response>")]
+
+
+@pytest.mark.parametrize("text, call", [
+    ('I could say {"name": "wrong"} here.\n<tool_call>\n{"name": "move", "arguments": {"d": 1}}\n</tool_call>',
+     ("move", {"d": 1})),
+    ('<tool_call>{"name": "set", "arguments": {"name": "bob", "age": 3}', None),  # still being written
+    ('{"name": "set", "arguments": {"name": "bob", "age": 3}', None),
+    ('{"name": "set", "parameters": {"name": "bob"}}', ("set", {"name": "bob"})),  # Llama-3.1
+    ('<tool_call>{"name": "f", "arguments": "{\\"x\\": 2}"}</tool_call>', ("f", {"x": 2})),
+    ('no call at all {braces}', None),
+])
+def test_parse_call(text, call):
+    from atlas.rollout import parse_call
+
+    got = parse_call(text)
+    assert (got and got[:2]) == call
+
+
+def test_heuristic_reads_the_next_user_turn_after_a_plain_step():
+    """Plain trajectories are scored as before tool calls existed: a step's outcome is the next
+    user turn, even past another assistant turn."""
+    from atlas.oracle import HeuristicOracle
+
+    t = Trajectory("x", "e", [Message("user", "task"), Message("assistant", "Thought: a\nAction: open box"),
+                              Message("assistant", "Thought: b\nAction: take key"),
+                              Message("user", "Observation: The box opens."),
+                              Message("user", "Observation: Nothing happens."),
+                              Message("assistant", "Thought: c\nAction: go west")],
+                   meta={"final_observation": "You win"})
+    scores = HeuristicOracle().scores(t)
+    assert "The box opens." in scores[0]["Critical Action"][1]
+    assert "The box opens." in scores[1]["Critical Action"][1]

@@ -83,10 +83,12 @@ def _opt(record: dict, key: str, types: type | tuple, default: Any = None, field
     return _req(record, key, types, field)
 
 
-def _objects(record: dict, key: str):
-    """Yield (index, field name, object) for a list-of-objects field."""
-    for i, item in enumerate(_req(record, key, list)):
-        field = f"{key}[{i}]"
+def _objects(record: dict, key: str, prefix: str = ""):
+    """Yield (index, field name, object) for a list-of-objects field (``prefix``: where
+    ``record`` itself is, for field names)."""
+    prefix = prefix + "." if prefix else ""
+    for i, item in enumerate(_req(record, key, list, prefix + key)):
+        field = f"{prefix}{key}[{i}]"
         if not isinstance(item, dict):
             raise _FieldError(field, "expected an object")
         yield i, field, item
@@ -172,6 +174,19 @@ def _unknown(obj: dict, known: set[str], ctx: dict, field: str) -> dict:
     return extra
 
 
+def _with(d: dict, extra: dict, t: Trajectory, fmt: str) -> dict:
+    """``d`` plus the fields of its source object no reader understood: only when writing the
+    format they were read from (another format's field could mean something else there, e.g. a
+    ShareGPT turn's ``weight`` in an OpenAI file), and never over a field the writer sets."""
+    if t.meta.get("fields_from") != fmt:
+        return d
+    return {**d, **{k: v for k, v in extra.items() if k not in d}}
+
+
+def _has_extra(t: Trajectory) -> bool:
+    return bool(t.extra) or any(m.extra or any(c.extra for c in m.tool_calls) for m in t.messages)
+
+
 def _trajectory(**kwargs) -> Trajectory:
     try:
         t = Trajectory(**kwargs)
@@ -211,13 +226,18 @@ def _content_id(ctx: dict, system: str | None, messages: list[Message]) -> str:
 # --------------------------------------------------------------------------------------- atlas
 
 
+_ATLAS_MESSAGE = {"role", "content", "selected", "criterion", "reason", "tool_calls", "tool_call_id",
+                  "name", "extra"}
+_ATLAS_RECORD = {"id", "env", "system", "messages", "meta", "tools", "extra"}
+
+
 def _from_atlas(rec: dict, ctx: dict) -> Trajectory:
     messages = []
     for _, f, m in _objects(rec, "messages"):
-        calls = [_call(_req(c, "name", str, f"{f}.{g}.name"), c.get("arguments"), c.get("id"),
-                       f"{f}.{g}", _opt(c, "extra", dict, {}, f"{f}.{g}.extra"))
-                 for _, g, c in _objects(m, "tool_calls")] if m.get("tool_calls") else []
-        _check_result(messages, m.get("tool_call_id"), f)
+        calls = [_call(_req(c, "name", str, g + ".name"), c.get("arguments"), c.get("id"), g,
+                       _opt(c, "extra", dict, {}, g + ".extra"))
+                 for _, g, c in _objects(m, "tool_calls", f)] if m.get("tool_calls") else []
+        _check_result(messages, _opt(m, "tool_call_id", str, field=f + ".tool_call_id"), f)
         messages.append(_message(
             _req(m, "role", str, f + ".role"), _req(m, "content", str, f + ".content"),
             _opt(m, "selected", bool, field=f + ".selected"), f + ".role",
@@ -225,11 +245,12 @@ def _from_atlas(rec: dict, ctx: dict) -> Trajectory:
             reason=_opt(m, "reason", str, field=f + ".reason"), tool_calls=calls,
             tool_call_id=_opt(m, "tool_call_id", str, field=f + ".tool_call_id"),
             name=_opt(m, "name", str, field=f + ".name"),
-            extra=_opt(m, "extra", dict, {}, field=f + ".extra")))
+            extra={**_opt(m, "extra", dict, {}, field=f + ".extra"),
+                   **_unknown(m, _ATLAS_MESSAGE, ctx, "messages[]")}))
     return _trajectory(id=str(_req(rec, "id", (str, int))), env=_req(rec, "env", str),
                        messages=messages, system=_opt(rec, "system", str),
                        meta=_opt(rec, "meta", dict, {}), tools=_tools(rec),
-                       extra=_opt(rec, "extra", dict, {}))
+                       extra={**_opt(rec, "extra", dict, {}), **_unknown(rec, _ATLAS_RECORD, ctx, "record")})
 
 
 def _to_atlas(t: Trajectory) -> dict:
@@ -249,15 +270,16 @@ def _to_atlas(t: Trajectory) -> dict:
         for key in ("tool_call_id", "name"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
-        if m.extra:
+        inline = t.meta.get("fields_from") == "atlas"  # an atlas file's own fields stay put
+        if m.extra and not inline:
             d["extra"] = m.extra
-        messages.append(d)
+        messages.append(_with(d, m.extra, t, "atlas"))
     rec = {"id": t.id, "env": t.env, "system": t.system, "messages": messages, "meta": t.meta}
     if t.tools:
         rec["tools"] = t.tools
-    if t.extra:
+    if t.extra and t.meta.get("fields_from") != "atlas":
         rec["extra"] = t.extra
-    return rec
+    return _with(rec, t.extra, t, "atlas")
 
 
 # ------------------------------------------------------------------------------------ agentgym
@@ -280,8 +302,9 @@ def _to_agentgym(t: Trajectory) -> dict:
     for m in t.messages:
         conv.append({"from": "gpt" if m.role == "assistant" else "human",
                      "loss": bool(m.selected) if m.role == "assistant" else None,
-                     "value": m.content, **m.extra})
-    return {"conversations": conv, t.meta.get("id_key", "id"): t.id}
+                     "value": m.content})
+        conv[-1] = _with(conv[-1], m.extra, t, "agentgym")
+    return _with({"conversations": conv, t.meta.get("id_key", "id"): t.id}, t.extra, t, "agentgym")
 
 
 # -------------------------------------------------------------------------------------- openai
@@ -296,8 +319,7 @@ def _from_openai(rec: dict, ctx: dict) -> Trajectory:
         role = _req(m, "role", str, f + ".role")
         calls = []
         if m.get("tool_calls") is not None:
-            for _, g, c in _objects(m, "tool_calls"):
-                g = f"{f}.{g}"
+            for _, g, c in _objects(m, "tool_calls", f):
                 fn = _req(c, "function", dict, g + ".function")
                 calls.append(_call(_req(fn, "name", str, g + ".function.name"),
                                    fn.get("arguments"), c.get("id"), g + ".function",
@@ -314,7 +336,7 @@ def _from_openai(rec: dict, ctx: dict) -> Trajectory:
         if role == "tool" and m.get("tool_call_id") is None and any(x.id for x in
                                                                     _last_calls(messages)):
             raise _FieldError(f + ".tool_call_id", "missing: the calls it answers have ids")
-        _check_result(messages, m.get("tool_call_id"), f)
+        _check_result(messages, _opt(m, "tool_call_id", str, field=f + ".tool_call_id"), f)
         messages.append(_message(
             role, content, None if weight is None else bool(weight), f + ".role", tool_calls=calls,
             tool_call_id=_opt(m, "tool_call_id", str, field=f + ".tool_call_id"),
@@ -336,10 +358,10 @@ def _last_calls(messages: list[Message]) -> list[ToolCall]:
     return next((m.tool_calls for m in reversed(messages) if m.role == "assistant"), [])
 
 
-def _openai_call(c: ToolCall) -> dict:
-    return {**({"id": c.id} if c.id is not None else {}), "type": "function",
-            "function": {"name": c.name, "arguments": c.arguments if isinstance(c.arguments, str)
-                         else json.dumps(c.arguments, ensure_ascii=False)}, **c.extra}
+def _openai_call(c: ToolCall, t: Trajectory) -> dict:
+    return _with({**({"id": c.id} if c.id is not None else {}), "type": "function",
+                  "function": {"name": c.name, "arguments": c.arguments if isinstance(c.arguments, str)
+                               else json.dumps(c.arguments, ensure_ascii=False)}}, c.extra, t, "openai")
 
 
 def _to_openai(t: Trajectory) -> dict:
@@ -347,14 +369,14 @@ def _to_openai(t: Trajectory) -> dict:
     for m in t.messages:
         d: dict[str, Any] = {"role": m.role, "content": m.content or (None if m.tool_calls else "")}
         if m.tool_calls:
-            d["tool_calls"] = [_openai_call(c) for c in m.tool_calls]
+            d["tool_calls"] = [_openai_call(c, t) for c in m.tool_calls]
         for key in ("tool_call_id", "name"):
             if getattr(m, key) is not None:
                 d[key] = getattr(m, key)
         if m.role == "assistant":
             d["weight"] = int(bool(m.selected))
-        msgs.append({**d, **m.extra})
-    return {"messages": msgs, **({"tools": t.tools} if t.tools else {}), **t.extra}
+        msgs.append(_with(d, m.extra, t, "openai"))
+    return _with({"messages": msgs, **({"tools": t.tools} if t.tools else {})}, t.extra, t, "openai")
 
 
 # ------------------------------------------------------------------------------------ sharegpt
@@ -381,18 +403,18 @@ def _to_sharegpt(t: Trajectory) -> dict:
             if m.content:  # no turn holds both: the text goes first, as its own turn
                 conv.append({"from": "gpt", "value": m.content})
             calls = [{"name": c.name, "arguments": c.args} for c in m.tool_calls]
-            conv.append({"from": "function_call", "value": json.dumps(
-                calls[0] if len(calls) == 1 else calls, ensure_ascii=False), **m.extra})
+            conv.append(_with({"from": "function_call", "value": json.dumps(
+                calls[0] if len(calls) == 1 else calls, ensure_ascii=False)}, m.extra, t, "sharegpt"))
             continue
         who = {"assistant": "gpt", "tool": "observation"}.get(m.role, "human")
-        conv.append({"from": who, "value": m.content, **m.extra})
+        conv.append(_with({"from": who, "value": m.content}, m.extra, t, "sharegpt"))
     rec: dict[str, Any] = {"id": t.id, "conversations": conv}
     if t.system is not None:
         rec["system"] = t.system
     if t.tools:  # LLaMA-Factory's layout: the list as JSON text
         rec["tools"] = (t.tools if t.meta.get("tools_layout") == "list"
                         else json.dumps(t.tools, ensure_ascii=False))
-    return {**rec, **t.extra}
+    return _with(rec, t.extra, t, "sharegpt")
 
 
 # ----------------------------------------------------------------------------------- anthropic
@@ -411,8 +433,8 @@ def _from_anthropic(rec: dict, ctx: dict) -> Trajectory:
             messages.append(_message(role, content, None, f + ".role", extra=extra))
             continue
         texts, calls = [], []
-        for _, g, b in _objects(m, "content"):
-            g, kind = f"{f}.{g}", _req(b, "type", str, f"{f}.{g}.type")
+        for _, g, b in _objects(m, "content", f):
+            kind = _req(b, "type", str, g + ".type")
             if kind == "text":
                 texts.append(_req(b, "text", str, g + ".text"))
             elif kind == "tool_use" and role == "assistant":
@@ -420,10 +442,12 @@ def _from_anthropic(rec: dict, ctx: dict) -> Trajectory:
                                    b.get("id"), g, _unknown(b, {"type", "id", "name", "input"}, ctx,
                                                             "content[].tool_use")))
             elif kind == "tool_result" and role == "user":
-                result = _req(b, "content", (str, list), g + ".content")
-                if isinstance(result, list):
-                    result = "\n".join(_req(x, "text", str, g + ".content[].text") for x in result)
-                _check_result(messages, b.get("tool_use_id"), g)
+                if isinstance(b.get("content"), list):
+                    result = "\n".join(_req(x, "text", str, h + ".text")
+                                       for _, h, x in _objects(b, "content", g))
+                else:
+                    result = _req(b, "content", str, g + ".content")
+                _check_result(messages, _opt(b, "tool_use_id", str, field=g + ".tool_use_id"), g)
                 messages.append(_message("tool", result, None, g,
                                          tool_call_id=_opt(b, "tool_use_id", str, field=g + ".tool_use_id"),
                                          extra=_unknown(b, {"type", "tool_use_id", "content"}, ctx,
@@ -443,22 +467,23 @@ def _to_anthropic(t: Trajectory) -> dict:
     msgs: list[dict] = []
     for m in t.messages:
         if m.role == "tool":
-            block = {"type": "tool_result", **({"tool_use_id": m.tool_call_id} if m.tool_call_id else {}),
-                     "content": m.content, **m.extra}
+            block = _with({"type": "tool_result", **({"tool_use_id": m.tool_call_id} if m.tool_call_id
+                                                     else {}), "content": m.content}, m.extra, t, "anthropic")
             if msgs and msgs[-1]["role"] == "user" and isinstance(msgs[-1]["content"], list):
                 msgs[-1]["content"].append(block)  # results of one turn share a user turn
             else:
                 msgs.append({"role": "user", "content": [block]})
             continue
         if not m.tool_calls:
-            msgs.append({"role": m.role, "content": m.content, **m.extra})
+            msgs.append(_with({"role": m.role, "content": m.content}, m.extra, t, "anthropic"))
             continue
         blocks = [{"type": "text", "text": m.content}] if m.content else []
-        blocks += [{"type": "tool_use", **({"id": c.id} if c.id else {}), "name": c.name,
-                    "input": c.args, **c.extra} for c in m.tool_calls]
-        msgs.append({"role": m.role, "content": blocks, **m.extra})
+        blocks += [_with({"type": "tool_use", **({"id": c.id} if c.id else {}), "name": c.name,
+                          "input": c.args}, c.extra, t, "anthropic") for c in m.tool_calls]
+        msgs.append(_with({"role": m.role, "content": blocks}, m.extra, t, "anthropic"))
     rec: dict[str, Any] = {"system": t.system} if t.system is not None else {}
-    return {**rec, "messages": msgs, **({"tools": t.tools} if t.tools else {}), **t.extra}
+    return _with({**rec, "messages": msgs, **({"tools": t.tools} if t.tools else {})}, t.extra, t,
+                 "anthropic")
 
 
 # ----------------------------------------------------------------- agent data protocol (adp)
@@ -526,7 +551,9 @@ def _from_adp(rec: dict, ctx: dict) -> Trajectory:
             source = item.get("source")
             call_id = _opt(item, "tool_call_id", str, field=f + ".tool_call_id")
             if pending and source not in _ADP_USER_SOURCES:
-                call = next((c for c in pending if c.id == call_id), pending[0]) if call_id else pending[0]
+                call = next((c for c in pending if c.id == call_id), None) if call_id else pending[0]
+                if call is None:
+                    raise _FieldError(f + ".tool_call_id", f"{call_id!r} answers no pending call")
                 pending.remove(call)
                 messages.append(_message("tool", text, None, f, tool_call_id=call_id,
                                          name=call.name))
@@ -540,8 +567,8 @@ def _from_adp(rec: dict, ctx: dict) -> Trajectory:
                                              f"{sorted(_ADP_ACTIONS | _ADP_OBSERVATIONS)}, got {kind!r}")
     tools = [{"type": "function", "function": {"name": n, "parameters": {"type": "object",
                                                                          "properties": {}}}}
-             for n in sorted(api_names | set(_opt(rec, "available_apis", list, []) or []))
-             if isinstance(n, str)]
+             for n in sorted(api_names | {a for a in _opt(rec, "available_apis", list, []) or []
+                                          if isinstance(a, str)})]
     if any(c.name == "execute_code" and c.name not in api_names for m in messages for c in m.tool_calls):
         tools.append(ADP_CODE_TOOL)
     meta = {"details": _opt(rec, "details", dict, {})}
@@ -571,9 +598,11 @@ def detect_format(record: dict) -> str:
         if "env" in record and "id" in record:
             return "atlas"
         msgs = record["messages"] if isinstance(record["messages"], list) else []
-        blocks = any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in msgs)
-        return "anthropic" if blocks or any(isinstance(t, dict) and "input_schema" in t
-                                            for t in record.get("tools") or []) else "openai"
+        blocks = {b.get("type") for m in msgs if isinstance(m, dict) and isinstance(m.get("content"), list)
+                  for b in m["content"] if isinstance(b, dict)}
+        tools = record.get("tools") if isinstance(record.get("tools"), list) else []
+        return "anthropic" if blocks & {"tool_use", "tool_result"} or any(
+            isinstance(t, dict) and "input_schema" in t for t in tools) else "openai"
     if isinstance(record.get("content"), list) and "id" in record:
         return "adp"
     raise _FieldError(None, "cannot tell the format: no 'messages' or 'conversations' field "
@@ -648,12 +677,14 @@ def read_trajectories(path: str | Path, format: str = "auto", env: str | None = 
                                                      f"(first at {seen[t.id]})")
         seen[t.id] = where
         t.meta.setdefault("source", f"{path.name}:{where}")
+        if _has_extra(t):  # which format those fields belong to (kept through atlas files)
+            t.meta.setdefault("fields_from", fmt)
         out.append(t)
     if not out:
         raise DataFormatError(path, None, None, "no trajectories in file")
     if unknown:
-        log.warning("%s: fields atlas does not use, kept as they are and written back by the same "
-                    "format: %s", path.name, ", ".join(f"{k} ({n}x)" for k, n in sorted(unknown.items())))
+        log.warning("%s: fields atlas does not use, kept as they are and written back when writing "
+                    "the same format: %s", path.name, ", ".join(f"{k} ({n}x)" for k, n in sorted(unknown.items())))
     return out
 
 

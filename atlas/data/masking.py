@@ -326,7 +326,7 @@ def _check_control_strings(trajectory, steps, tokenizer, policy: str) -> None:
         return
     controls = special_token_strings(tokenizer)
     for step in steps:
-        found = sorted(c for c in controls if c in step.message.content)
+        found = sorted(c for c in controls if c in step.message.as_text())  # calls too
         if not found:
             continue
         msg = (f"{_name(trajectory)}: step {step.index} (message {step.message_index}) contains "

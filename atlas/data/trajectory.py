@@ -56,6 +56,8 @@ class ToolCall:
         """The arguments as a JSON object (what chat templates render)."""
         if isinstance(self.arguments, dict):
             return self.arguments
+        if not self.arguments.strip():  # "" : a function without parameters
+            return {}
         try:
             value = json.loads(self.arguments)
         except (TypeError, json.JSONDecodeError) as e:
@@ -229,9 +231,9 @@ class Trajectory:
                 "You can call these tools:\n<tools>\n" + listing + "\n</tools>\nCall one as "
                 '<tool_call>{"name": <function name>, "arguments": <JSON object>}</tool_call>.')
         messages: list[Message] = []
-        for m in self.messages:
+        for i, m in enumerate(self.messages):
             text = m.as_text()
-            if m.role == "tool" and messages and messages[-1].role == "user":  # results of one turn
+            if m.role == "tool" and i and self.messages[i - 1].role == "tool":  # results of one turn
                 messages[-1] = dataclasses.replace(messages[-1],
                                                    content=messages[-1].content + "\n" + text)
                 continue
