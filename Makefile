@@ -30,7 +30,7 @@ DEMO_ARGS ?= data.limit=48 module.lr=2e-4 trainer.accumulate_grad_batches=2 eval
 demo: install  ## train SmolLM2-135M on expert trajectories, then evaluate held-in and held-out (ARGS="..." adds overrides)
 	$(BIN)/python train.py $(DEMO_ARGS) $(ARGS)
 
-test: install  ## the default test suite (no network, no GPU, ~8 min on 2 cores)
+test: install  ## the default test suite (no network, no GPU, ~9 min on 2 cores)
 	$(BIN)/python -m pytest -q
 
 test-slow: install  ## tests that train the real SmolLM2-135M
