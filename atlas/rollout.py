@@ -34,6 +34,7 @@ from transformers import StaticCache, StoppingCriteriaList
 from atlas.data.generate import observation_turn
 from atlas.data.trajectory import Message, ToolCall, Trajectory
 from atlas.envs.base import Environment, Task
+from atlas.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ def parse_action(text: str) -> str | None:
 
 
 _DECODER = json.JSONDecoder()
+_OPENING_BRACE = re.compile(r"\s*\{")
 
 
 def _call_at(text: str, start: int) -> tuple[str, dict, int] | None:
@@ -86,7 +88,7 @@ def parse_call(text: str) -> tuple[str, dict, int] | None:
     tags = [m.end() for m in re.finditer(r"<tool_call>", text)]
     if tags:
         for end in tags:
-            brace = re.compile(r"\s*\{").match(text, end)
+            brace = _OPENING_BRACE.match(text, end)
             if brace and (call := _call_at(text, brace.end() - 1)):
                 return call
         return None
@@ -122,7 +124,8 @@ class ActionFormat:
 
     def __init__(self, kind: str = "text", tools_as_text: bool = False):
         if kind not in ACTION_FORMATS:
-            raise ValueError(f"action_format must be one of {ACTION_FORMATS}, got {kind!r}")
+            raise ConfigError(f"action_format must be one of {', '.join(ACTION_FORMATS)}, "
+                              f"got {kind!r}")
         self.kind, self.tools_as_text = kind, tools_as_text
 
     @property

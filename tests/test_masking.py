@@ -30,6 +30,12 @@ FAMILIES = {
 def family_tokenizer(family):
     """The shipped SmolLM2 tokenizer with a real template of another family and its specials."""
     template, specials, bos, _ = FAMILIES[family]
+    return template_tokenizer(template, specials, bos)
+
+
+def template_tokenizer(template, specials, bos):
+    """The shipped SmolLM2 tokenizer with ``template`` (a fixture file, or None for its own),
+    ``specials`` added as special tokens and ``bos`` as its BOS token."""
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     if template:
         tok.chat_template = (FIXTURES / "chat_templates" / template).read_text()

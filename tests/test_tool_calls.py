@@ -12,7 +12,7 @@ from atlas.data import DataFormatError, MaskingError, Message, Trajectory, encod
 from atlas.data.formats import trajectory_to_record, write_trajectories
 from atlas.data.trajectory import ToolCall
 from conftest import FIXTURES, TOKENIZER, compose_train
-from test_masking import supervised_runs
+from test_masking import supervised_runs, template_tokenizer
 
 CALLS = FIXTURES / "tool_calls"
 
@@ -173,13 +173,7 @@ TOOL_FAMILIES = {
 
 def tool_tokenizer(family):
     template, specials, bos, _, _ = TOOL_FAMILIES[family]
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    tok.chat_template = (FIXTURES / "chat_templates" / template).read_text()
-    if specials:
-        tok.add_special_tokens({"additional_special_tokens": specials})
-    if bos:
-        tok.bos_token = bos
-    return tok
+    return template_tokenizer(template, specials, bos)
 
 
 def reference(family, m: Message) -> str:
