@@ -320,7 +320,9 @@ class SharedPrefixDecoder:
         self.heads, self.kv_heads = text.num_attention_heads, text.num_key_value_heads
         self.dtype = next(model.parameters()).dtype
         texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
-        self.newline = [("\n" in t) for t in texts]
+        # tokens after which a response can first hold its action: a line's end (an Action:
+        # line) or a closing brace (a tool call's JSON)
+        self.may_complete = [("\n" in t or "}" in t) for t in texts]
         self.prefixes: dict[Any, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.cache: _RowCache | None = None
         self.base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -401,8 +403,7 @@ class SharedPrefixDecoder:
         last = row.generated[-1]
         if last in self.stop or len(row.generated) >= self.max_new_tokens:
             return True
-        # the finished lines change only when a newline is written
-        return self.newline[last] and self.complete(
+        return self.may_complete[last] and self.complete(
             self.tokenizer.decode(row.generated, skip_special_tokens=True))
 
     @torch.inference_mode()

@@ -600,3 +600,24 @@ def test_heuristic_reads_the_next_user_turn_after_a_plain_step():
     scores = HeuristicOracle().scores(t)
     assert "The box opens." in scores[0]["Critical Action"][1]
     assert "The box opens." in scores[1]["Critical Action"][1]
+
+
+@pytest.mark.parametrize("text, done", [
+    ('{"name": "move", "arguments": {"direction": "north"}}', True),  # Llama-3.1: no newline after
+    ('<tool_call>{"name": "move", "arguments": {"direction": "north"}}', True),
+    ('<tool_call>{"name": "move", "arguments": {"direction": "nor', False),
+])
+def test_shared_prefix_decoder_stops_a_row_once_its_call_is_written(tokenizer, text, done):
+    """The decoder's rows stop where the rollout policy's do: right after a complete call,
+    whether or not a newline follows."""
+    from omegaconf import OmegaConf
+
+    from atlas.model import load_model
+    from atlas.rollout import ActionFormat
+    from atlas.step_eval import SharedPrefixDecoder, _Row
+    from conftest import CONF
+
+    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
+    decoder = SharedPrefixDecoder(model, tokenizer, complete=ActionFormat("tools").complete)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert decoder._finished(_Row((0, 0), 0, 0, [], ids)) is done
