@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import logging
 import math
 
 import lightning as L
@@ -9,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from atlas.data.masking import IGNORE_INDEX
+from atlas.utils import ConfigError
 
 LOSS_AVERAGES = ("token", "step")
 LOSS_IMPLS = ("gathered", "full")
@@ -16,6 +19,131 @@ LOSS_IMPLS = ("gathered", "full")
 # (Gemma-2 softcapping; Cohere, MiniCPM, Granite, Falcon-H1 scales): the full path handles them
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier",
                     "lm_head_multiplier", "logits_scaling")
+# module.optimizer: AdamW with fp32 moments, or torchao's low-bit AdamW (moments quantised
+# block-wise: 1/4 or 1/8 of the fp32 states' memory; compiled with torch.compile, so on a CPU
+# they need a C++ compiler and are slower per step, docs/benchmarks.md)
+OPTIMIZERS = {"adamw": "torch.optim.AdamW", "adamw8bit": "torchao.optim.AdamW8bit",
+              "adamw4bit": "torchao.optim.AdamW4bit"}
+
+
+def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
+    """The optimizer class of ``module.optimizer``."""
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"module.optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
+    module, cls = OPTIMIZERS[name].rsplit(".", 1)
+    # torchao's import logs every CUDA kernel library it cannot load on this machine
+    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [q.level for q in quiet]
+    for q in quiet:
+        q.setLevel(logging.ERROR)
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ImportError as e:
+        raise ConfigError(f"module.optimizer={name} needs {module.split('.')[0]} "
+                          f"(pip install -e .): {e}") from None
+    finally:
+        for q, level in zip(quiet, levels):
+            q.setLevel(level)
+
+
+# the tensor subclasses of low-bit optimizer states that a checkpoint may rebuild
+STATE_SUBCLASSES = ("torchao.optim.subclass_8bit.OptimState8bit",
+                    "torchao.optim.subclass_4bit.OptimState4bit",
+                    "torchao.optim.subclass_fp8.OptimStateFp8")
+
+
+def plain_states(obj):
+    """``obj`` (an optimizer state dict) with tensor subclasses (torchao's quantised states)
+    taken apart into plain tensors: Lightning loads checkpoints with a callable
+    ``map_location``, which cannot rebuild a subclass. :func:`rebuilt_states` undoes it."""
+    if isinstance(obj, dict):
+        return {k: plain_states(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain_states(v) for v in obj)
+    if isinstance(obj, torch.Tensor) and type(obj) is not torch.Tensor and hasattr(obj, "__tensor_flatten__"):
+        names, ctx = obj.__tensor_flatten__()
+        return {"__tensor_subclass__": f"{type(obj).__module__}.{type(obj).__qualname__}",
+                "tensors": {n: getattr(obj, n) for n in names}, "ctx": ctx,
+                "size": tuple(obj.shape), "stride": tuple(obj.stride())}
+    return obj
+
+
+def rebuilt_states(obj):
+    """The inverse of :func:`plain_states` (only the classes of ``STATE_SUBCLASSES``)."""
+    if isinstance(obj, dict) and "__tensor_subclass__" in obj:
+        name = obj["__tensor_subclass__"]
+        if name not in STATE_SUBCLASSES:
+            raise ValueError(f"checkpoint holds optimizer state of unknown type {name}")
+        module, cls = name.rsplit(".", 1)
+        return getattr(importlib.import_module(module), cls).__tensor_unflatten__(
+            obj["tensors"], obj["ctx"], torch.Size(obj["size"]), obj["stride"])
+    if isinstance(obj, dict):
+        return {k: rebuilt_states(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(rebuilt_states(v) for v in obj)
+    return obj
+
+
+def set_lr(group: dict, lr: float) -> None:
+    """Set a parameter group's learning rate (torchao's optimizers keep it in a tensor, to be
+    updated in place so that their compiled step is not rebuilt)."""
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(float(lr))
+    else:
+        group["lr"] = lr
+
+
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """An optimizer stepped inside the backward pass, one parameter at a time.
+
+    Each parameter gets its own ``cls`` optimizer (``settings`` and its group's weight decay), and a
+    ``register_post_accumulate_grad_hook`` steps it and frees the gradient as soon as the
+    backward pass has accumulated it (as torchtune's ``optimizer_in_bwd``): the gradients of the
+    whole model never exist at once. The update is plain AdamW's, so it excludes what needs all
+    gradients before any update: accumulation over several batches and clipping by the global
+    norm (:meth:`AtlasLM.check_trainer` refuses both).
+
+    To Lightning and the learning-rate schedule this is one optimizer with the usual parameter
+    groups: each hook reads its group's current learning rate; :meth:`step` has nothing left to
+    do. Its state dict holds every per-parameter optimizer's, so checkpoints resume.
+    """
+
+    def __init__(self, groups: list[dict], cls: type[torch.optim.Optimizer], **settings):
+        super().__init__(groups, settings)
+        self.per_parameter: list[torch.optim.Optimizer] = []
+        self._hooks = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                opt = cls([p], **{**settings, "weight_decay": group["weight_decay"]})
+                self.per_parameter.append(opt)
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._hook(opt, group)))
+
+    @staticmethod
+    def _hook(opt: torch.optim.Optimizer, group: dict):
+        def step(p: torch.Tensor) -> None:
+            set_lr(opt.param_groups[0], group["lr"])
+            opt.step()
+            p.grad = None
+        return step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """The parameters were updated during the backward pass; only ``closure`` runs."""
+        return closure() if closure is not None else None
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "per_parameter": [o.state_dict() for o in self.per_parameter]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        for opt, s in zip(self.per_parameter, state_dict.pop("per_parameter"), strict=True):
+            opt.load_state_dict(s)
+        super().load_state_dict(state_dict)
 
 
 def _reduce(nll: torch.Tensor, labels: torch.Tensor, step_ids: torch.Tensor, mask: torch.Tensor,
@@ -110,13 +238,22 @@ class AtlasLM(L.LightningModule):
             whose logits are more than the head's output (softcapping or a logit scale, see
             ``LOGIT_TRANSFORMS``) always use ``full``.
         loss_chunk_size: Supervised positions per LM-head chunk under ``gathered``.
+        optimizer: ``adamw`` (fp32 moments), ``adamw8bit`` or ``adamw4bit`` (torchao's
+            block-quantised moments); see ``OPTIMIZERS``.
+        optimizer_in_backward: Step each parameter inside the backward pass and free its
+            gradient there (:class:`InBackwardOptimizer`): no full set of gradients is ever
+            held. Needs ``trainer.accumulate_grad_batches=1`` and no gradient clipping.
     """
 
     def __init__(self, model: torch.nn.Module, lr: float = 2e-5, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_ratio: float = 0.1,
                  loss_average: str = "token", loss_impl: str = "gathered",
-                 loss_chunk_size: int = 256):
+                 loss_chunk_size: int = 256, optimizer: str = "adamw",
+                 optimizer_in_backward: bool = False):
         super().__init__()
+        optimizer_class(optimizer)  # a wrong name or a missing library fails before training
+        self.optimizer, self.optimizer_in_backward = optimizer, bool(optimizer_in_backward)
+        self.automatic_optimization = not self.optimizer_in_backward
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"module.loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
         if loss_impl not in LOSS_IMPLS:
@@ -169,7 +306,46 @@ class AtlasLM(L.LightningModule):
         return loss
 
     def training_step(self, batch, batch_idx):
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if self.optimizer_in_backward:
+            self.manual_backward(loss)  # every parameter is updated here, as its gradient is ready
+            self.optimizers().step()  # nothing left to update: counts the optimizer step
+            self.lr_schedulers().step()
+        return loss
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Refuse trainer settings that ``optimizer_in_backward`` cannot honour (one line each)."""
+        if not self.optimizer_in_backward:
+            return
+        why = "updates each parameter as soon as its gradient is ready"
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigError(f"module.optimizer_in_backward=true {why}, so it cannot accumulate "
+                              f"gradients: set trainer.accumulate_grad_batches=1 (got "
+                              f"{trainer.accumulate_grad_batches}; a larger data.loader.batch_size "
+                              f"gives larger batches)")
+        if trainer.gradient_clip_val:
+            raise ConfigError(f"module.optimizer_in_backward=true {why}, before the global norm "
+                              f"of all gradients exists: set trainer.gradient_clip_val=null "
+                              f"(got {trainer.gradient_clip_val})")
+        if trainer.world_size > 1:
+            raise ConfigError(f"module.optimizer_in_backward=true {why}, before the ranks have "
+                              f"averaged it: use it on one device (trainer.devices=1)")
+        if str(trainer.precision).startswith("16"):
+            raise ConfigError(f"module.optimizer_in_backward=true {why}, while fp16 gradients are "
+                              f"still scaled: use trainer.precision=bf16-mixed or 32-true")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = plain_states(checkpoint["optimizer_states"])
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "optimizer_states" in checkpoint:
+            checkpoint["optimizer_states"] = rebuilt_states(checkpoint["optimizer_states"])
+
+    def on_fit_end(self):
+        optimizer = self.optimizers(use_pl_optimizer=False) if self.trainer.optimizers else None
+        if isinstance(optimizer, InBackwardOptimizer):
+            optimizer.remove_hooks()  # later backward passes (another trainer) update nothing
 
     def validation_step(self, batch, batch_idx):
         return self._shared_step(batch, "val")
@@ -191,7 +367,7 @@ class AtlasLM(L.LightningModule):
         # LambdaLR applied lr_factor(0) when it was built, before the total was known
         scheduler = self.lr_schedulers()
         for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = base * self.lr_factor(scheduler.last_epoch)
+            set_lr(group, base * self.lr_factor(scheduler.last_epoch))
 
     def lr_factor(self, step: int) -> float:
         """Linear warmup over ``warmup_ratio`` of the optimizer steps, then cosine decay to 0."""
@@ -209,12 +385,18 @@ class AtlasLM(L.LightningModule):
             if p.requires_grad:
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
         hp = self.hparams
-        # fused: one kernel over all parameters, without foreach's full-size temporaries
-        # (CPU and CUDA float tensors; other devices fall back to the default)
-        fused = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": hp.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas),
-            fused=fused or None)
+        cls = optimizer_class(self.optimizer)
+        settings = {"lr": hp.lr, "betas": tuple(hp.betas)}
+        if cls is torch.optim.AdamW:
+            # fused: one kernel over all parameters, without foreach's full-size temporaries
+            # (CPU and CUDA float tensors; other devices fall back to the default)
+            settings["fused"] = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None
+        groups = [{"params": decay, "weight_decay": hp.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        if self.optimizer_in_backward:
+            optimizer = InBackwardOptimizer(groups, cls, **settings)
+        else:
+            optimizer = cls(groups, **settings)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: self.lr_factor(step))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -223,6 +223,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         os.environ[DDP_JOB_ENV] = json.dumps({**overrides, "output_dir": str(out.resolve())})
     trainer = instantiate(cfg.trainer, logger=logger,
                           callbacks=_callbacks(cfg.get("callbacks"), has_logger=bool(logger)))
+    module.check_trainer(trainer)  # e.g. optimizer_in_backward with gradient accumulation
     safe_config = redact(OmegaConf.to_container(cfg, resolve=True))
     if logger:
         trainer.logger.log_hyperparams({**safe_config, "choices": choices, "selection": stats})

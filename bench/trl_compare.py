@@ -3,6 +3,11 @@
     pip install -e '.[bench]'                       # TRL, only for this benchmark
     python bench/trl_compare.py                     # SmolLM2-135M, 16 default trajectories, ratio 0.3 and 1.0
     python bench/trl_compare.py --trajectories 64 --ratios 0.3
+    python bench/trl_compare.py --atlas adamw adamw+bwd adamw8bit+bwd adamw+b4   # atlas variants
+
+Each ``--atlas`` variant is ``OPTIMIZER[+bwd][+bN]``: ``module.optimizer`` (adamw, adamw8bit,
+adamw4bit), ``+bwd`` for ``module.optimizer_in_backward=true``, ``+b4`` for batches of 4
+length-grouped examples (``data.loader.batch_size=4 data.loader.group_by_length=true``).
 
 Both trainers get the same expert trajectories (the default data), the same model, the same
 per-step masks: at ratio 1.0 every step (``selector=full``), at lower ratios the ATLaS selection
@@ -16,7 +21,10 @@ a CPU, peak allocated CUDA memory on a GPU (bf16 there, fp32 on a CPU). Before t
 computes its loss on the same first trajectory with the same initial weights; the two must
 agree to 1e-4. Prints a table, each run's memory by phase (after loading the model, the peak
 while training, next to what the weights, gradients and AdamW states take by themselves), and
-one JSON line per run.
+one JSON line per run. Every atlas variant sees the same examples in the same order, so their
+per-step losses are compared with the first variant's (plain AdamW by default): the table gives
+the largest difference over the epoch. Time per fed token is each run's epoch time over the
+tokens it fed, so each trainer is measured against its own floor.
 
 ``--profile`` adds torch.profiler's operators by self time, side by side for the two trainers
 (use few trajectories: the profiler slows training down).
@@ -116,29 +124,65 @@ def measured(device: str, profile: bool):
         out["profile_s"] = {e.key: getattr(e, key) / 1e6 for e in ops[:15]}
 
 
+def variant(name: str) -> dict:
+    """``OPTIMIZER[+bwd][+bN]`` as AtlasLM and data module settings."""
+    optimizer, *flags = name.split("+")
+    out = {"optimizer": optimizer, "optimizer_in_backward": False, "batch_size": 1}
+    for flag in flags:
+        if flag == "bwd":
+            out["optimizer_in_backward"] = True
+        elif flag[:1] == "b" and flag[1:].isdigit():
+            out["batch_size"] = int(flag[1:])
+        else:
+            raise SystemExit(f"--atlas {name}: unknown flag {flag!r} (bwd, or bN for a batch size)")
+    return out
+
+
+def state_mb(name: str, params: int) -> tuple[float, float]:
+    """(gradients, optimizer states) in MB that a variant holds by construction: fp32 gradients
+    unless stepped in the backward pass (then one parameter's at a time), and AdamW's two
+    moments in fp32, 8 or 4 bits (plus their block scales, ignored here)."""
+    v = variant(name)
+    bytes_per_moment = {"adamw": 4, "adamw8bit": 1, "adamw4bit": 0.5}[v["optimizer"]]
+    return (0.0 if v["optimizer_in_backward"] else 4 * params / 2**20,
+            2 * bytes_per_moment * params / 2**20)
+
+
 def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
-              pack_length: int | None = None, profile: bool = False) -> dict:
+              pack_length: int | None = None, profile: bool = False,
+              name: str = "adamw") -> dict:
     import lightning as L
     import torch
 
     from atlas.data.datamodule import TrajectoryDataModule, collate
     from atlas.module import AtlasLM
 
+    v = variant(name)
     data = TrajectoryDataModule(trajectories, [], tokenizer, max_length=None,
-                                packing=pack_length is not None, pack_length=pack_length)
+                                packing=pack_length is not None, pack_length=pack_length,
+                                batch_size=v["batch_size"], group_by_length=v["batch_size"] > 1,
+                                seed=0)
     data.setup("fit")
-    module = AtlasLM(model, lr=1e-5, warmup_ratio=0.0)
+    module = AtlasLM(model, lr=1e-5, warmup_ratio=0.0, optimizer=v["optimizer"],
+                     optimizer_in_backward=v["optimizer_in_backward"])
     first = {k: v.to(device) for k, v in collate([data.train_examples[0]],
                                                   tokenizer.pad_token_id).items()}
     with torch_autocast(device, bf16), torch.no_grad():
         first_loss = module.loss(first)[0].item()
+    losses: list[float] = []
+
+    class Losses(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"] if isinstance(outputs, dict) else outputs))
+
     trainer = L.Trainer(max_epochs=1, accelerator="gpu" if device == "cuda" else "cpu",
                         devices=1, precision="bf16-mixed" if bf16 else "32-true", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0)
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Losses()])
+    module.check_trainer(trainer)
     with measured(device, profile) as m:
         trainer.fit(module, datamodule=data)
-    return {"first_loss": first_loss, **m,
+    return {"first_loss": first_loss, **m, "losses": losses,
             "tokens": sum(len(e.input_ids) for e in data.train_examples),
             "supervised_tokens": sum(e.num_supervised_tokens for e in data.train_examples)}
 
@@ -179,7 +223,7 @@ def torch_autocast(device: str, bf16: bool):
 
 def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str | None,
           tokenizer_name: str | None, checkpointing: bool, pack_length: int | None,
-          profile: bool = False) -> dict:
+          profile: bool = False, name: str = "adamw") -> dict:
     import torch
 
     from atlas.model import load_model, load_tokenizer, resolve_device
@@ -203,30 +247,37 @@ def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str
     loaded = memory_mb(device)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer == "atlas":
-        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length, profile)
+        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length, profile, name)
     else:
         r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing, profile)
     # fp32 weights, their gradients and AdamW's two moments, whatever the trainer
-    r.update(loaded_memory_mb=loaded, weights_grads_adam_mb=4 * 4 * params / 2**20)
-    return {"trainer": trainer, "ratio": ratio, "trajectories": len(trajectories),
+    grads, states = state_mb(name if trainer == "atlas" else "adamw", params)
+    r.update(loaded_memory_mb=loaded, grads_mb=grads, states_mb=states, params=params)
+    return {"trainer": trainer, "variant": name if trainer == "atlas" else "adamw",
+            "ratio": ratio, "trajectories": len(trajectories),
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
             "precision": "bf16-mixed" if bf16 else "fp32", **r,
             "supervised_tokens_per_s": r["supervised_tokens"] / r["seconds"],
+            "ms_per_fed_token": 1000 * r["seconds"] / r["tokens"],
             "peak_memory_mb": peak_memory_mb(device)}
+
+
+def label(r: dict) -> str:
+    return "TRL" if r["trainer"] == "trl" else f"atlas {r['variant']}"
 
 
 def print_memory(rows: list[dict], kind: str) -> None:
     """Where each run's memory goes: before training, the fixed training state, the rest."""
-    print(f"\nmemory ({kind} MB): loaded = libraries, weights and data before training; "
-          f"peak = highest while training; weights+grads+adam = fp32 weights, their gradients "
-          f"and AdamW's two moments; rest = peak - loaded - grads - adam (activations, "
-          f"temporaries, allocator slack)")
-    print(f"{'ratio':>5} {'trainer':<7} {'loaded':>8} {'peak':>8} {'weights+grads+adam':>19} "
-          f"{'rest':>8}")
+    print(f"\nmemory by phase ({kind} MB): loaded = libraries, fp32 weights and data before "
+          f"training; grads = fp32 gradients held at once (0 when stepped in the backward pass); "
+          f"states = AdamW's two moments (fp32, 8 or 4 bits); rest = peak - loaded - grads - "
+          f"states (activations, temporaries, allocator slack); peak = highest while training")
+    print(f"{'ratio':>5} {'run':<22} {'loaded':>8} {'grads':>8} {'states':>8} {'rest':>8} "
+          f"{'peak':>8}")
     for r in rows:
-        rest = r["train_peak_memory_mb"] - r["loaded_memory_mb"] - 0.75 * r["weights_grads_adam_mb"]
-        print(f"{r['ratio']:>5} {r['trainer']:<7} {r['loaded_memory_mb']:>8.0f} "
-              f"{r['train_peak_memory_mb']:>8.0f} {r['weights_grads_adam_mb']:>19.0f} {rest:>8.0f}")
+        rest = r["train_peak_memory_mb"] - r["loaded_memory_mb"] - r["grads_mb"] - r["states_mb"]
+        print(f"{r['ratio']:>5} {label(r):<22} {r['loaded_memory_mb']:>8.0f} {r['grads_mb']:>8.0f} "
+              f"{r['states_mb']:>8.0f} {rest:>8.0f} {r['train_peak_memory_mb']:>8.0f}")
 
 
 def print_profiles(rows: list[dict], ratios: list[float]) -> None:
@@ -258,53 +309,81 @@ def main() -> None:
                         "of this many tokens (data.loader.packing); TRL runs as before")
     parser.add_argument("--profile", action="store_true", help="memory at each phase and "
                         "torch.profiler's top operators (slow: use few trajectories)")
+    parser.add_argument("--atlas", nargs="+", default=["adamw", "adamw+bwd", "adamw8bit",
+                                                      "adamw8bit+bwd", "adamw4bit+bwd"],
+                        help="atlas variants OPTIMIZER[+bwd][+bN], each against TRL; the "
+                        "first is the loss curves' reference")
+    parser.add_argument("--variant", default="adamw", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("TRAINER", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child[0], float(args.child[1]),
                                            args.trajectories, args.model, args.model_config,
                                            args.tokenizer, args.gradient_checkpointing == "on",
-                                           args.atlas_pack_length, args.profile)))
+                                           args.atlas_pack_length, args.profile,
+                                           args.variant)))
         return
     rows = []
-    for ratio in args.ratios:
-        for trainer in ("atlas", "trl"):
-            extra = [f"--{k.replace('_', '-')}={v}" for k, v in
-                     (("model_config", args.model_config), ("tokenizer", args.tokenizer),
-                      ("gradient_checkpointing", args.gradient_checkpointing),
-                      ("atlas_pack_length", args.atlas_pack_length)) if v]
-            extra += ["--profile"] if args.profile else []
-            proc = subprocess.run([sys.executable, __file__, "--child", trainer, str(ratio),
-                                   "--trajectories", str(args.trajectories), "--model",
-                                   args.model, *extra], cwd=ROOT, capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode or not lines:
-                sys.exit(f"{trainer} at ratio {ratio} failed:\n{proc.stdout[-3000:]}"
-                         f"{proc.stderr[-3000:]}")
-            rows.append(json.loads(lines[-1][len("RESULT "):]))
+    runs = [(ratio, trainer, name) for ratio in args.ratios
+            for trainer, name in [("trl", "adamw")] + [("atlas", v) for v in args.atlas]]
+    for v in args.atlas:
+        variant(v)  # a wrong name stops here, not after the first runs
+    for ratio, trainer, name in runs:
+        extra = [f"--{k.replace('_', '-')}={v}" for k, v in
+                 (("model_config", args.model_config), ("tokenizer", args.tokenizer),
+                  ("gradient_checkpointing", args.gradient_checkpointing),
+                  ("atlas_pack_length", args.atlas_pack_length)) if v]
+        extra += ["--profile"] if args.profile else []
+        print(f"ratio {ratio}: {trainer} {name if trainer == 'atlas' else ''}", flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--child", trainer, str(ratio),
+                               "--variant", name, "--trajectories", str(args.trajectories),
+                               "--model", args.model, *extra], cwd=ROOT, capture_output=True,
+                              text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode or not lines:
+            sys.exit(f"{trainer} {name} at ratio {ratio} failed:\n{proc.stdout[-3000:]}"
+                     f"{proc.stderr[-3000:]}")
+        rows.append(json.loads(lines[-1][len("RESULT "):]))
     memory = "peak CUDA MB" if rows[0]["device"] != "cpu" else "peak RSS MB"
     model = f"{args.model_config} (random init)" if args.model_config else args.model
-    print(f"\n{args.trajectories} default trajectories, {model}, batch 1, one epoch, "
+    print(f"\n{args.trajectories} default trajectories, {model}, one epoch, "
           f"{rows[0]['device']}, {rows[0]['precision']}, gradient checkpointing "
           f"{args.gradient_checkpointing}"
           + (f", atlas packed into rows of {args.atlas_pack_length} tokens"
              if args.atlas_pack_length else ""))
-    print(f"{'ratio':>5} {'trainer':<7} {'tokens':>8} {'superv.':>8} {'epoch s':>8} "
-          f"{'superv. tok/s':>13} {memory:>13} {'first loss':>11}")
+    print("x TRL: against TRL at the same ratio; |dloss|: largest per-step loss difference from "
+          f"atlas {args.atlas[0]} at the same batch size, over the epoch")
+    print(f"{'ratio':>5} {'run':<22} {'tokens fed':>10} {'superv.':>8} {'epoch s':>8} "
+          f"{'ms/fed tok':>10} {memory:>12} {'time x TRL':>10} {'peak x TRL':>10} "
+          f"{'ms/tok x TRL':>12} {'first loss':>11} {'|dloss|':>8}")
+    ok, goal = True, []
     for r in rows:
-        print(f"{r['ratio']:>5} {r['trainer']:<7} {r['tokens']:>8} {r['supervised_tokens']:>8} "
-              f"{r['seconds']:>8.1f} {r['supervised_tokens_per_s']:>13.1f} "
-              f"{r['peak_memory_mb']:>13.0f} {r['first_loss']:>11.5f}")
-    ok = True
-    for ratio in args.ratios:
-        a, t = (next(r for r in rows if r["ratio"] == ratio and r["trainer"] == name)
-                for name in ("atlas", "trl"))
-        diff = abs(a["first_loss"] - t["first_loss"])
-        ok &= diff <= 1e-4 or a["precision"] != "fp32"
-        print(f"ratio {ratio}: atlas/TRL wall time {a['seconds'] / t['seconds']:.2f}x, "
-              f"peak memory {a['peak_memory_mb'] / t['peak_memory_mb']:.2f}x, "
-              f"first-batch loss difference {diff:.2e}")
+        t = next(x for x in rows if x["ratio"] == r["ratio"] and x["trainer"] == "trl")
+        ref = next((x for x in rows if x["ratio"] == r["ratio"] and x["trainer"] == "atlas"
+                    and x["variant"] == args.atlas[0]), None)
+        dloss = "-"
+        if r["trainer"] == "atlas" and ref is not None and r is not ref and \
+                variant(r["variant"])["batch_size"] == variant(ref["variant"])["batch_size"]:
+            dloss = f"{max(abs(a - b) for a, b in zip(r['losses'], ref['losses'])):.4f}"
+        peak_x = r["peak_memory_mb"] / t["peak_memory_mb"]
+        print(f"{r['ratio']:>5} {label(r):<22} {r['tokens']:>10} {r['supervised_tokens']:>8} "
+              f"{r['seconds']:>8.1f} {r['ms_per_fed_token']:>10.2f} {r['peak_memory_mb']:>12.0f} "
+              f"{r['seconds'] / t['seconds']:>10.2f} {peak_x:>10.2f} "
+              f"{r['ms_per_fed_token'] / t['ms_per_fed_token']:>12.2f} {r['first_loss']:>11.5f} "
+              f"{dloss:>8}")
+        if r["trainer"] == "atlas":
+            diff = abs(r["first_loss"] - t["first_loss"])
+            ok &= diff <= 1e-4 or r["precision"] != "fp32"
+            if r["ratio"] == 0.3 and peak_x <= 0.7:
+                goal.append(f"{r['variant']} ({peak_x:.2f}x)")
+    if 0.3 in args.ratios:
+        print(f"goal, peak at ratio 0.3 <= 0.7x TRL's: "
+              + (f"met by {', '.join(goal)}" if goal else "not met by any variant"))
     print_memory(rows, memory.split()[1])
+    print("\nper-step losses (first 8 steps)")
+    for r in rows:
+        if r["trainer"] == "atlas":
+            print(f"{r['ratio']:>5} {label(r):<22} " + " ".join(f"{x:.4f}" for x in r["losses"][:8]))
     if args.profile:
         print_profiles(rows, args.ratios)
     for r in rows:
