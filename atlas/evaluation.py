@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,7 +175,8 @@ def metrics(results: dict[str, Any], prefix: str = "eval") -> dict[str, float]:
 
 def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
              logger: Any = None, base_model: DictConfig | None = None,
-             training: list[Trajectory] | None = None, is_base: bool = False) -> dict[str, Any]:
+             training: list[Trajectory] | None = None, is_base: bool = False,
+             served: dict[str, str] | None = None) -> dict[str, Any]:
     """Score the model step by step on expert test trajectories, then play the test tasks of
     every environment in ``eval_cfg``; report both with their intervals.
 
@@ -190,6 +193,8 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
         is_base: ``model`` is ``base_model`` itself (evaluate.py without a checkpoint): its
             step records fill the base model's cache.
         training: The training trajectories, to count test tasks that occur in them.
+        served: With ``eval.backend=server``, what the server command's ``{model}`` and
+            ``{adapter}`` stand for (:func:`served_paths`).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -200,6 +205,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
             raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
     if eval_cfg.episodes < 0:
         raise ValueError(f"eval.episodes must be >= 0 (0: no rollouts), got {eval_cfg.episodes}")
+    backend(eval_cfg)
     envs = environments(eval_cfg)
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
@@ -211,7 +217,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     if eval_cfg.episodes:
         if step_records is not None:  # kept should the rollouts fail
             atomic_write(out / "results.json", json.dumps(results, indent=2))
-        episodes = _rollouts(model, tokenizer, eval_cfg, envs, out)
+        episodes = _rollouts(model, tokenizer, eval_cfg, envs, out, served)
         results.update(summarize(episodes, groups))
         results["episodes_file"] = str((out / "episodes.jsonl").resolve())
     results.update({"split": eval_cfg.split,
@@ -339,7 +345,61 @@ def format_comparison(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path) -> list[Episode]:
+def backend(eval_cfg: DictConfig) -> str:
+    """``eval.backend``, checked: ``hf`` or ``server``."""
+    from atlas.serving import BACKENDS
+
+    name = eval_cfg.get("backend", "hf")
+    if name not in BACKENDS:
+        raise ConfigError(f"eval.backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def served_paths(checkpoint: str | Path | None, model_cfg: DictConfig | None) -> dict[str, str]:
+    """What ``{model}`` and ``{adapter}`` of ``eval.server.command`` stand for: a full model
+    directory, or a PEFT adapter directory on the ``model`` config's base model."""
+    from atlas.model import resolve_model_name
+
+    base = (resolve_model_name(model_cfg.name) if model_cfg is not None and model_cfg.get("name")
+            else "")
+    if checkpoint is None:
+        return {"model": base, "adapter": ""}
+    if (Path(checkpoint) / "adapter_config.json").exists():
+        return {"model": base, "adapter": str(Path(checkpoint).resolve())}
+    return {"model": str(Path(checkpoint).resolve()), "adapter": ""}
+
+
+@contextmanager
+def _policy(model, tokenizer, eval_cfg: DictConfig, actions: ActionFormat, out: Path,
+            served: dict[str, str] | None):
+    """The agent that plays the rollouts: ``Policy`` in this process, or ``ServerPolicy``
+    through the inference server of ``eval.server`` (started and stopped here if it has a
+    command)."""
+    if backend(eval_cfg) == "hf":
+        if model is None:
+            raise ConfigError("eval.backend=hf needs the model in this process")
+        yield Policy(model, tokenizer, complete=actions.complete, **eval_cfg.generation)
+        return
+    from atlas.serving import InferenceServer, ServerPolicy
+
+    sc = eval_cfg.server
+    gen = eval_cfg.generation
+    key = os.environ.get(sc.api_key_env) if sc.get("api_key_env") else None
+    with InferenceServer(base_url=sc.get("base_url"), command=sc.get("command"),
+                         port=sc.get("port"), startup_timeout=sc.startup_timeout,
+                         log_file=out / "server.log", **(served or {})) as server:
+        policy = ServerPolicy(tokenizer, server.base_url, server.served_model(sc.get("model")),
+                              max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                              top_p=gen.get("top_p", 1.0), complete=actions.complete,
+                              concurrency=sc.concurrency, api_key=key)
+        try:
+            yield policy
+        finally:
+            policy.close()
+
+
+def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
+              served: dict[str, str] | None = None) -> list[Episode]:
     """Play ``eval.episodes`` test tasks per environment; ``episodes.jsonl`` grows as they end."""
     pool = EnvPool({name: (lambda c=c: instantiate(c)) for name, (_, c) in envs.items()},
                    instances=eval_cfg.instances)
@@ -348,8 +408,8 @@ def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path) -> list[E
     try:
         tasks = pool.tasks(eval_cfg.split, eval_cfg.episodes)
         actions = action_format(eval_cfg)
-        policy = Policy(model, tokenizer, complete=actions.complete, **eval_cfg.generation)
-        with episodes_file.open("a", encoding="utf-8") as f:
+        with _policy(model, tokenizer, eval_cfg, actions, out, served) as policy, \
+                episodes_file.open("a", encoding="utf-8") as f:
             def save(ep: Episode) -> None:
                 f.write(json.dumps(trajectory_to_record(ep.trajectory), ensure_ascii=False) + "\n")
                 f.flush()
@@ -404,15 +464,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     single_log_handler()
     wandb_offline_by_default()
     L.seed_everything(cfg.seed, verbose=False)
-    model, tokenizer = load_agent(cfg.get("checkpoint"), cfg.model)
-    model.to(resolve_device())
+    checkpoint = cfg.get("checkpoint")
+    if backend(cfg.eval) == "server" and not (cfg.eval.get("steps") and cfg.eval.steps.tasks):
+        # the server holds the model: only its tokenizer (the chat template) is needed here
+        from atlas.model import load_tokenizer
+
+        model, tokenizer = None, load_tokenizer(checkpoint or cfg.model.tokenizer or cfg.model.name)
+    else:
+        model, tokenizer = load_agent(checkpoint, cfg.model)
+        model.to(resolve_device())
     logger = instantiate(cfg.logger) if cfg.get("logger") else None
     try:
         if logger:
             logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
         # a checkpoint is compared with its base (model=); the base model fills that cache
         results = evaluate(model, tokenizer, cfg.eval, cfg.paths.output_dir, logger, cfg.model,
-                           is_base=not cfg.get("checkpoint"))
+                           is_base=not checkpoint,
+                           served=served_paths(checkpoint, cfg.model)
+                           if backend(cfg.eval) == "server" else None)
         if "baseline" in results:
             log.info("base model vs this model\n%s", format_comparison(results))
         return results

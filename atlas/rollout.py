@@ -261,6 +261,14 @@ def has_sliding_window(model) -> bool:
         getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
 
 
+def stop_token_ids(tokenizer) -> list[int]:
+    """The ids that end an assistant turn (ChatML ``<|im_end|>``, Llama ``<|eot_id|>``, Gemma
+    ``<end_of_turn>``) and the EOS token."""
+    ends = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"))
+    return sorted({i for i in ends if isinstance(i, int) and i != tokenizer.unk_token_id}
+                  | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+
+
 class ActionLineStop:
     """Stops a row once its response holds a complete ``Action:`` line.
 
@@ -325,10 +333,7 @@ class Policy:
         self.reuse_cache = reuse_cache and not sliding
         self.cache: dict[str, tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]]] = {}
         self.reused_tokens = self.computed_tokens = 0  # prompt tokens read from / fed to the model
-        # stop at the end of the assistant turn (ChatML <|im_end|>, Llama <|eot_id|>, ...)
-        ends = (tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>"))
-        self.stop = sorted({i for i in ends if isinstance(i, int) and i != tokenizer.unk_token_id}
-                           | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+        self.stop = stop_token_ids(tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
 
     def prompt_ids(self, chat: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:

@@ -268,8 +268,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 agent, _ = load_agent(str(model_dir), cfg.model)
                 agent.to(module.device)
             # the base model (cfg.model without the training) is scored step by step beside it
+            from atlas.evaluation import backend, served_paths
+
             results = evaluate(agent, tokenizer, cfg.eval, out / "eval", logger or None,
-                               base_model=cfg.model, training=trajectories)
+                               base_model=cfg.model, training=trajectories,
+                               served=served_paths(model_dir, cfg.model)
+                               if backend(cfg.eval) == "server" else None)
             summary["eval"] = {"averages": results["averages"],
                                "results_file": str((out / "eval" / "results.json").resolve())}
             if "steps" in results:
