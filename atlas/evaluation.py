@@ -387,7 +387,7 @@ def _policy(model, tokenizer, eval_cfg: DictConfig, actions: ActionFormat, out: 
     key = os.environ.get(sc.api_key_env) if sc.get("api_key_env") else None
     with InferenceServer(base_url=sc.get("base_url"), command=sc.get("command"),
                          port=sc.get("port"), startup_timeout=sc.startup_timeout,
-                         log_file=out / "server.log", **(served or {})) as server:
+                         log_file=out / "server.log", api_key=key, **(served or {})) as server:
         policy = ServerPolicy(tokenizer, server.base_url, server.served_model(sc.get("model")),
                               max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
                               top_p=gen.get("top_p", 1.0), complete=actions.complete,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 
 import lightning as L
@@ -31,19 +30,11 @@ def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
     if name not in OPTIMIZERS:
         raise ConfigError(f"module.optimizer must be one of {sorted(OPTIMIZERS)}, got {name!r}")
     module, cls = OPTIMIZERS[name].rsplit(".", 1)
-    # torchao's import logs every CUDA kernel library it cannot load on this machine
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [q.level for q in quiet]
-    for q in quiet:
-        q.setLevel(logging.ERROR)
-    try:
+    try:  # (atlas/__init__.py quiets torchao's import-time logging)
         return getattr(importlib.import_module(module), cls)
     except ImportError as e:
         raise ConfigError(f"module.optimizer={name} needs {module.split('.')[0]} "
                           f"(pip install -e .): {e}") from None
-    finally:
-        for q, level in zip(quiet, levels):
-            q.setLevel(level)
 
 
 # the tensor subclasses of low-bit optimizer states that a checkpoint may rebuild
@@ -327,9 +318,10 @@ class AtlasLM(L.LightningModule):
             raise ConfigError(f"module.optimizer_in_backward=true {why}, before the global norm "
                               f"of all gradients exists: set trainer.gradient_clip_val=null "
                               f"(got {trainer.gradient_clip_val})")
-        if trainer.world_size > 1:
+        if trainer.world_size > 1 or type(trainer.strategy).__name__ != "SingleDeviceStrategy":
             raise ConfigError(f"module.optimizer_in_backward=true {why}, before the ranks have "
-                              f"averaged it: use it on one device (trainer.devices=1)")
+                              f"averaged it or a sharding strategy has taken it: use it on one "
+                              f"device without trainer.strategy (trainer=cpu or trainer=gpu)")
         if str(trainer.precision).startswith("16"):
             raise ConfigError(f"module.optimizer_in_backward=true {why}, while fp16 gradients are "
                               f"still scaled: use trainer.precision=bf16-mixed or 32-true")
@@ -393,7 +385,6 @@ class AtlasLM(L.LightningModule):
             settings["fused"] = all(p.device.type in ("cpu", "cuda") for p in decay + no_decay) or None
         groups = [{"params": decay, "weight_decay": hp.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        groups = [g for g in groups if g["params"]]
         if self.optimizer_in_backward:
             optimizer = InBackwardOptimizer(groups, cls, **settings)
         else:

@@ -3,7 +3,7 @@
 The rollout loop (:func:`atlas.rollout.run_episodes`) asks a policy for each turn. With
 ``eval.backend=hf`` that is :class:`atlas.rollout.Policy`, transformers' ``generate`` in this
 process; with ``eval.backend=server`` it is :class:`ServerPolicy`, which sends the same prompts
-to an OpenAI-compatible completions endpoint (vLLM, SGLang, llama.cpp's ``llama-server``, TGI):
+to an OpenAI-compatible completions endpoint (vLLM, SGLang, llama.cpp's ``llama-server``: servers that take token-id prompts):
 
 - The prompt is rendered here, with the run's tokenizer and chat template exactly as training
   rendered it, and sent as **token ids** (the completions API takes a list of ints): the server
@@ -11,7 +11,8 @@ to an OpenAI-compatible completions endpoint (vLLM, SGLang, llama.cpp's ``llama-
 - A turn ends where it ends in this process: at the model's end-of-turn tokens (sent as
   ``stop_token_ids``; servers that do not know the field stop at their EOS) or as soon as the
   streamed response holds a complete action (:meth:`ActionFormat.complete`): the client closes
-  the stream there and keeps exactly the text up to that token, as ``Policy`` does.
+  the stream there and keeps the text up to that chunk, as ``Policy`` does (servers stream a
+  token a chunk; with several tokens a chunk, e.g. speculative decoding, a little more).
 - Every prompt of a batch is in flight at once (``eval.server.concurrency`` requests), so the
   engine batches them; raise ``eval.batch_size`` for more episodes in flight.
 
@@ -79,7 +80,8 @@ class InferenceServer:
 
     def __init__(self, base_url: str | None = None, command: str | None = None,
                  model: str = "", adapter: str = "", port: int | None = None,
-                 startup_timeout: float = 600, log_file: str | Path | None = None):
+                 startup_timeout: float = 600, log_file: str | Path | None = None,
+                 api_key: str | None = None):
         if bool(base_url) == bool(command):
             raise ConfigError("eval.backend=server needs exactly one of eval.server.base_url (a "
                               "server you run) and eval.server.command (one atlas starts), got "
@@ -92,6 +94,11 @@ class InferenceServer:
         self.base_url = (base_url or f"http://127.0.0.1:{self.port}/v1").rstrip("/")
         self.log_file = Path(log_file) if log_file else None
         self.proc: subprocess.Popen | None = None
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    def _get(self, url: str, timeout: float):
+        return urllib.request.urlopen(urllib.request.Request(url, headers=self.headers),
+                                      timeout=timeout)
 
     def argv(self) -> list[str]:
         """The command with its placeholders filled in."""
@@ -136,10 +143,15 @@ class InferenceServer:
                 raise ServerError(f"eval.server.command exited with status {self.proc.returncode} "
                                   f"before it answered{where}")
             try:
-                with urllib.request.urlopen(url, timeout=5) as r:
-                    if r.status == 200:
+                with self._get(url, timeout=5) as r:
+                    if r.status == 200 and self._healthy():
                         log.info("inference server ready at %s", self.base_url)
                         return
+            except urllib.error.HTTPError as e:
+                e.close()
+                if e.code in (401, 403):
+                    raise ServerError(f"{url} answered {e.code}: the server wants a key (name "
+                                      f"the variable that holds it: eval.server.api_key_env)") from None
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
             if time.monotonic() > deadline:
@@ -147,27 +159,56 @@ class InferenceServer:
                                   f"eval.server.startup_timeout={self.startup_timeout:g} s{where}")
             time.sleep(0.25)
 
+    def _healthy(self) -> bool:
+        """``GET /health`` at the server's root: vLLM, SGLang, TGI and llama.cpp answer 200 only
+        once the model is loaded (llama.cpp lists its models before); a server without the
+        route (404) is taken as ready."""
+        root = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
+        try:
+            with self._get(f"{root}/health", timeout=5) as r:
+                return r.status == 200
+        except urllib.error.HTTPError as e:
+            e.close()
+            return e.code == 404
+
     def stop(self) -> None:
-        """Stop the started server's process group: SIGTERM, then SIGKILL after 30 s."""
+        """Stop the started server's whole process group (engine workers included, even once
+        the leader has exited): SIGTERM, then SIGKILL for what is left after 30 s."""
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
+
+        def group_alive() -> bool:
+            try:
+                os.killpg(proc.pid, 0)
+                return True
+            except ProcessLookupError:
+                return False
+
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
         except ProcessLookupError:
             pass
+        deadline = time.monotonic() + 30
+        while (proc.poll() is None or group_alive()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if group_alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
         log.info("inference server (pid %d) stopped", proc.pid)
 
     def served_model(self, name: str | None) -> str:
         """``name``, or the first model the server lists."""
         if name:
             return name
+        if self.values["adapter"]:  # servers list the base model first: it would be scored
+            raise ConfigError("eval.server.model must name the served LoRA adapter (e.g. "
+                              "atlas for --lora-modules atlas={adapter})")
         try:
-            with urllib.request.urlopen(f"{self.base_url}/models", timeout=30) as r:
+            with self._get(f"{self.base_url}/models", timeout=30) as r:
                 return json.load(r)["data"][0]["id"]
         except (OSError, ValueError, KeyError, IndexError) as e:
             raise ServerError(f"could not list the models of {self.base_url} (set "

@@ -150,7 +150,7 @@ def state_mb(name: str, params: int) -> tuple[float, float]:
 
 def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
               pack_length: int | None = None, profile: bool = False,
-              name: str = "adamw") -> dict:
+              name: str = "adamw", lr: float = 1e-5) -> dict:
     import lightning as L
     import torch
 
@@ -163,7 +163,7 @@ def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
                                 batch_size=v["batch_size"], group_by_length=v["batch_size"] > 1,
                                 seed=0)
     data.setup("fit")
-    module = AtlasLM(model, lr=1e-5, warmup_ratio=0.0, optimizer=v["optimizer"],
+    module = AtlasLM(model, lr=lr, warmup_ratio=0.0, optimizer=v["optimizer"],
                      optimizer_in_backward=v["optimizer_in_backward"])
     first = {k: v.to(device) for k, v in collate([data.train_examples[0]],
                                                   tokenizer.pad_token_id).items()}
@@ -188,7 +188,7 @@ def run_atlas(model, tokenizer, trajectories, device: str, bf16: bool,
 
 
 def run_trl(model, tokenizer, trajectories, device: str, bf16: bool, checkpointing: bool,
-            profile: bool = False) -> dict:
+            profile: bool = False, lr: float = 1e-5) -> dict:
     import torch
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
@@ -196,7 +196,7 @@ def run_trl(model, tokenizer, trajectories, device: str, bf16: bool, checkpointi
     rows = [full_example(t, tokenizer) for t in trajectories]
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=1, num_train_epochs=1,
-                         learning_rate=1e-5, lr_scheduler_type="constant", warmup_steps=0,
+                         learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0,
                          logging_steps=10**6, save_strategy="no", report_to=[], max_length=None,
                          bf16=bf16, use_cpu=device == "cpu", gradient_checkpointing=checkpointing,
                          dataset_kwargs={"skip_prepare_dataset": True})
@@ -223,7 +223,7 @@ def torch_autocast(device: str, bf16: bool):
 
 def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str | None,
           tokenizer_name: str | None, checkpointing: bool, pack_length: int | None,
-          profile: bool = False, name: str = "adamw") -> dict:
+          profile: bool = False, name: str = "adamw", lr: float = 1e-5) -> dict:
     import torch
 
     from atlas.model import load_model, load_tokenizer, resolve_device
@@ -247,9 +247,9 @@ def child(trainer: str, ratio: float, n: int, model_name: str, model_config: str
     loaded = memory_mb(device)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if trainer == "atlas":
-        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length, profile, name)
+        r = run_atlas(model, tokenizer, trajectories, device, bf16, pack_length, profile, name, lr)
     else:
-        r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing, profile)
+        r = run_trl(model, tokenizer, trajectories, device, bf16, checkpointing, profile, lr)
     # fp32 weights, their gradients and AdamW's two moments, whatever the trainer
     grads, states = state_mb(name if trainer == "atlas" else "adamw", params)
     r.update(loaded_memory_mb=loaded, grads_mb=grads, states_mb=states, params=params)
@@ -313,6 +313,8 @@ def main() -> None:
                                                       "adamw8bit+bwd", "adamw4bit+bwd"],
                         help="atlas variants OPTIMIZER[+bwd][+bN], each against TRL; the "
                         "first is the loss curves' reference")
+    parser.add_argument("--lr", type=float, default=1e-5, help="peak learning rate of both "
+                        "trainers (atlas: cosine decay over the epoch; TRL: constant)")
     parser.add_argument("--variant", default="adamw", help=argparse.SUPPRESS)
     parser.add_argument("--child", nargs=2, metavar=("TRAINER", "RATIO"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -321,7 +323,7 @@ def main() -> None:
                                            args.trajectories, args.model, args.model_config,
                                            args.tokenizer, args.gradient_checkpointing == "on",
                                            args.atlas_pack_length, args.profile,
-                                           args.variant)))
+                                           args.variant, args.lr)))
         return
     rows = []
     runs = [(ratio, trainer, name) for ratio in args.ratios
@@ -336,7 +338,8 @@ def main() -> None:
         extra += ["--profile"] if args.profile else []
         print(f"ratio {ratio}: {trainer} {name if trainer == 'atlas' else ''}", flush=True)
         proc = subprocess.run([sys.executable, __file__, "--child", trainer, str(ratio),
-                               "--variant", name, "--trajectories", str(args.trajectories),
+                               "--variant", name, "--lr", str(args.lr),
+                               "--trajectories", str(args.trajectories),
                                "--model", args.model, *extra], cwd=ROOT, capture_output=True,
                               text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -346,7 +349,7 @@ def main() -> None:
         rows.append(json.loads(lines[-1][len("RESULT "):]))
     memory = "peak CUDA MB" if rows[0]["device"] != "cpu" else "peak RSS MB"
     model = f"{args.model_config} (random init)" if args.model_config else args.model
-    print(f"\n{args.trajectories} default trajectories, {model}, one epoch, "
+    print(f"\n{args.trajectories} default trajectories, {model}, one epoch at lr {args.lr:g}, "
           f"{rows[0]['device']}, {rows[0]['precision']}, gradient checkpointing "
           f"{args.gradient_checkpointing}"
           + (f", atlas packed into rows of {args.atlas_pack_length} tokens"
@@ -371,6 +374,11 @@ def main() -> None:
               f"{r['seconds'] / t['seconds']:>10.2f} {peak_x:>10.2f} "
               f"{r['ms_per_fed_token'] / t['ms_per_fed_token']:>12.2f} {r['first_loss']:>11.5f} "
               f"{dloss:>8}")
+        if r["trainer"] == "atlas" and dloss != "-" and r["variant"].split("+")[0] == "adamw" \
+                and "bwd" in r["variant"] and args.atlas[0] == "adamw" and float(dloss) > 1e-4 \
+                and r["precision"] == "fp32":
+            ok = False  # the same update, only earlier: the losses must not move
+            print(f"  {r['variant']}: per-step losses differ from {args.atlas[0]}'s by {dloss}")
         if r["trainer"] == "atlas":
             diff = abs(r["first_loss"] - t["first_loss"])
             ok &= diff <= 1e-4 or r["precision"] != "fp32"
@@ -389,7 +397,8 @@ def main() -> None:
     for r in rows:
         print(json.dumps(r))
     if not ok:
-        sys.exit("first-batch losses differ by more than 1e-4")
+        sys.exit("first-batch losses differ by more than 1e-4, or AdamW in the backward pass "
+                 "moved the loss curve by more than 1e-4")
 
 
 if __name__ == "__main__":

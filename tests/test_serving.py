@@ -12,29 +12,14 @@ import os
 import re
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from atlas.evaluation import run as evaluate_run
-from atlas.model import load_model
 from atlas.rollout import EnvPool, Policy, run_episodes
 from atlas.serving import InferenceServer, ReferenceServer, ServerError, ServerPolicy
 from atlas.utils import ConfigError
 from conftest import CONF
-from test_rollout import _maze
-
-
-@pytest.fixture(scope="module")
-def chatty_model():
-    """A tiny random Llama with large weights, so that its greedy text varies."""
-    torch.manual_seed(0)
-    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
+from test_rollout import _maze, chatty_model  # noqa: F401 - a fixture
 
 
 CHATS = [[{"role": "system", "content": "You are an agent."},
@@ -151,3 +136,19 @@ def test_an_unreachable_server_fails_the_request_clearly(tokenizer):
     policy.close()
     with pytest.raises(ServerError, match="did not answer"):
         InferenceServer(base_url=url, startup_timeout=0).wait_ready()
+
+
+def test_an_adapter_needs_the_name_it_is_served_under():
+    """Servers list the base model first: scoring it instead of the adapter would be silent."""
+    server = InferenceServer(base_url="http://127.0.0.1:1/v1", adapter="/runs/0/model")
+    with pytest.raises(ConfigError, match="eval.server.model must name the served LoRA adapter"):
+        server.served_model(None)
+    assert server.served_model("atlas") == "atlas"
+
+
+def test_the_reference_server_is_ready_only_with_health(chatty_model, tokenizer):
+    """Readiness needs /v1/models and /health (llama.cpp lists models while still loading)."""
+    with ReferenceServer(chatty_model, tokenizer) as s:
+        server = InferenceServer(base_url=s.url, startup_timeout=5)
+        server.wait_ready()
+        assert server._healthy()
