@@ -464,8 +464,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     single_log_handler()
     wandb_offline_by_default()
     L.seed_everything(cfg.seed, verbose=False)
-    checkpoint = cfg.get("checkpoint")
-    if backend(cfg.eval) == "server" and not (cfg.eval.get("steps") and cfg.eval.steps.tasks):
+    checkpoint, server = cfg.get("checkpoint"), backend(cfg.eval) == "server"
+    if server and not (cfg.eval.get("steps") and cfg.eval.steps.tasks):
         # the server holds the model: only its tokenizer (the chat template) is needed here
         from atlas.model import load_tokenizer
 
@@ -480,8 +480,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         # a checkpoint is compared with its base (model=); the base model fills that cache
         results = evaluate(model, tokenizer, cfg.eval, cfg.paths.output_dir, logger, cfg.model,
                            is_base=not checkpoint,
-                           served=served_paths(checkpoint, cfg.model)
-                           if backend(cfg.eval) == "server" else None)
+                           served=served_paths(checkpoint, cfg.model) if server else None)
         if "baseline" in results:
             log.info("base model vs this model\n%s", format_comparison(results))
         return results

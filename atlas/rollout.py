@@ -261,6 +261,13 @@ def has_sliding_window(model) -> bool:
         getattr(text, "sliding_window", None) and getattr(text, "use_sliding_window", True))
 
 
+def prompt_ids(tokenizer, chat: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
+    """The token ids of a chat prompt, rendered with the tokenizer's (training) chat template."""
+    kw = {"tools": tools} if tools else {}
+    return list(tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True,
+                                              return_dict=False, **kw))
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     """The ids that end an assistant turn (ChatML ``<|im_end|>``, Llama ``<|eot_id|>``, Gemma
     ``<end_of_turn>``) and the EOS token."""
@@ -337,9 +344,7 @@ class Policy:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.stop[0]
 
     def prompt_ids(self, chat: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
-        kw = {"tools": tools} if tools else {}
-        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False, **kw))
+        return prompt_ids(self.tokenizer, chat, tools)
 
     def forget(self, key: str) -> None:
         """Drop an episode's cache (when it ends)."""

@@ -248,9 +248,9 @@ class ServerPolicy:
                                     timeout=timeout, max_retries=2)
 
     def prompt_ids(self, chat: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
-        kw = {"tools": tools} if tools else {}
-        return list(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True,
-                                                       tokenize=True, return_dict=False, **kw))
+        from atlas.rollout import prompt_ids
+
+        return prompt_ids(self.tokenizer, chat, tools)
 
     def forget(self, key: str) -> None:
         """The server keeps (prefix-caches) what it wants; nothing is held here."""
