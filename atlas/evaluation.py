@@ -64,6 +64,12 @@ def environments(eval_cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
             envs[env_cfg.name] = (group, env_cfg)
     if not envs:
         raise ValueError("eval has no environments in held_in or held_out")
+    kind = eval_cfg.get("action_format", "text")
+    for name, (group, env_cfg) in envs.items():
+        formats = get_class(env_cfg._target_).action_formats
+        if kind not in formats:
+            raise ConfigError(f"action_format={kind}: environment {name} (eval.{group}) is played "
+                              f"only with action_format={'|'.join(formats)}")
     return envs
 
 
@@ -210,7 +216,11 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None
-    if eval_cfg.get("steps") and eval_cfg.steps.tasks:
+    experts = [n for n, (_, c) in envs.items() if get_class(c._target_).has_expert]
+    if eval_cfg.get("steps") and eval_cfg.steps.tasks and not experts:
+        log.warning("eval.steps: no environment of the suite has an expert to write test "
+                    "trajectories: rollouts only")
+    elif eval_cfg.get("steps") and eval_cfg.steps.tasks:
         step_records = _step_evaluation(model, tokenizer, eval_cfg, envs, out, results,
                                         base_model, training, is_base)
     episodes: list[Episode] = []

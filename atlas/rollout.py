@@ -24,6 +24,7 @@ import logging
 import re
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -31,31 +32,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import StaticCache, StoppingCriteriaList
 
-from atlas.data.generate import observation_turn
 from atlas.data.trajectory import Message, ToolCall, Trajectory
-from atlas.envs.base import Environment, Task
+from atlas.envs.base import ACTION, Environment, Task, parse_action  # noqa: F401 - re-exported
 from atlas.utils import ConfigError
 
 log = logging.getLogger(__name__)
 
-ACTION = re.compile(r"\baction[ \t]*:", re.IGNORECASE)
 FORMAT_HINT = ("Invalid response: no action found. Answer with two lines:\n"
                "Thought: <your reasoning>\nAction: <your action>")
-
-
-def parse_action(text: str) -> str | None:
-    """The action of an agent turn ("Thought: ...\\nAction: go north"), or None.
-
-    The last line with a non-empty ``Action:`` wins (a model may restate the format before
-    answering), and within a line the text after its last ``Action:``: "Thought: Action: go
-    forward" is "go forward", as AgentGym's clients read it (they search for "Action:"
-    anywhere, not at the start of a line).
-    """
-    for line in reversed(text.splitlines()):
-        ends = [m.end() for m in ACTION.finditer(line)]
-        if ends and (action := line[ends[-1]:].strip()):
-            return action
-    return None
 
 
 _DECODER = json.JSONDecoder()
@@ -139,19 +123,22 @@ class ActionFormat:
     def reader(self, env_cls: type[Environment]) -> Callable[[str], str | None]:
         """The canonical action (:meth:`Environment.canonical_action`) of a turn's text."""
         if not self.tools:
-            return lambda text: env_cls.canonical_action(parse_action(text))
+            return lambda text: env_cls.canonical_action(env_cls.read_action(text))
 
         def read(text: str) -> str | None:
             call = parse_call(text)
             return env_cls.canonical_action(call and env_cls.call_to_action(call[0], call[1]))
         return read
 
-    def start(self, task: Task, first: str, env_cls: type[Environment]) -> Trajectory:
-        """An episode's trajectory before its first step (``first``: the goal and observation)."""
+    def start(self, task: Task, first: str, env: Environment | type[Environment]) -> Trajectory:
+        """An episode's trajectory before its first step (``first``: the goal and observation):
+        the environment's system prompt and opening turns, then ``first``."""
         # A placeholder assistant turn satisfies Trajectory's invariant; it is dropped at once.
-        trajectory = Trajectory(task.id, task.env, [Message("user", first), Message("assistant", "")],
-                                env_cls.system_prompt(self.kind), meta={"source": "rollout"},
-                                tools=list(env_cls.tools) if self.tools else None)
+        opening = [Message(role, text) for role, text in env.opening()]
+        trajectory = Trajectory(task.id, task.env, [*opening, Message("user", first),
+                                                    Message("assistant", "")],
+                                env.system_prompt(self.kind), meta={"source": "rollout"},
+                                tools=list(env.tools) if self.tools else None)
         trajectory.messages.pop()
         return trajectory
 
@@ -159,10 +146,11 @@ class ActionFormat:
         """What the chat template renders."""
         return trajectory.as_text() if self.tools_as_text else trajectory
 
-    def turn(self, response: str, env_cls: type[Environment], k: int) -> tuple[Message, str | None]:
+    def turn(self, response: str, env_cls: Environment | type[Environment], k: int
+             ) -> tuple[Message, str | None]:
         """The assistant message of a response and the action it takes (None: none)."""
         if not self.tools:
-            return Message("assistant", response), parse_action(response)
+            return Message("assistant", response), env_cls.read_action(response)
         call = parse_call(response)
         action = call and env_cls.call_to_action(call[0], call[1])
         if not action:
@@ -170,12 +158,13 @@ class ActionFormat:
         text = re.sub(r"<tool_call>\s*$", "", response[:call[2]]).strip()
         return Message("assistant", text, tool_calls=[ToolCall(call[0], call[1], id=f"call_{k}")]), action
 
-    def observation(self, text: str, step: Message) -> Message:
-        """The environment's answer to ``step``: the call's result, or a user turn."""
+    def observation(self, text: str, step: Message, prefix: str = "Observation: ") -> Message:
+        """The environment's answer to ``step``: the call's result, or a user turn (``prefix``:
+        :attr:`Environment.observation_prefix`)."""
         if step.tool_calls:
             c = step.tool_calls[0]
             return Message("tool", text, tool_call_id=c.id, name=c.name)
-        return Message("user", observation_turn(text))
+        return Message("user", prefix + text)
 
     @property
     def hint(self) -> str:
@@ -518,6 +507,22 @@ class EnvPool:
             self._close(env)
 
 
+def _step_all(moves: list[tuple[Environment, str]]) -> list[tuple[Any, float]]:
+    """Apply each (environment, action): (feedback or the exception it raised, seconds).
+    Environments that wait on a server (:attr:`Environment.remote`) are stepped in threads."""
+    def step(env: Environment, action: str) -> tuple[Any, float]:
+        t0 = time.time()
+        try:
+            return env.step(action), time.time() - t0
+        except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
+            return e, time.time() - t0
+
+    if sum(env.remote for env, _ in moves) < 2:
+        return [step(env, action) for env, action in moves]
+    with ThreadPoolExecutor(max_workers=min(len(moves), 32)) as threads:
+        return list(threads.map(lambda m: step(*m), moves))
+
+
 def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: int = 16,
                  max_turns: int | dict[str, int] | None = None, max_prompt_tokens: int = 4096,
                  on_finish: Callable[[Episode], None] | None = None,
@@ -569,7 +574,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             first, error = env.reset(task), None
         except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
             first, error = "", f"reset: {type(e).__name__}: {e}"
-        episodes[i] = ep = Episode(task, actions.start(task, first, type(env)), env=env,
+        episodes[i] = ep = Episode(task, actions.start(task, first, env), env=env,
                                    seconds=time.time() - t0)
         if error:
             finish(ep, "error", error)
@@ -599,25 +604,27 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         t0 = time.time()
         responses = policy.generate(prompts, [ep.task.id for ep in active])
         share = (time.time() - t0) / len(active)
-        for ep, response in zip(list(active), responses):
+        moves: list[tuple[Episode, Message, str | None]] = []
+        for ep, response in zip(active, responses):
             ep.turns += 1
             ep.seconds += share
-            step, action = actions.turn(response, type(ep.env), ep.turns)
+            step, action = actions.turn(response, ep.env, ep.turns)
             ep.trajectory.messages.append(step)
+            moves.append((ep, step, action))
+        outcomes = _step_all([(ep.env, action) for ep, _, action in moves if action is not None])
+        for ep, step, action in moves:
             cap = min(ep.env.max_turns, max_turns if isinstance(max_turns, int)
                       else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
             if action is None:
                 ep.invalid += 1
                 observation, done = actions.hint, False
             else:
-                t1 = time.time()
-                try:
-                    feedback = ep.env.step(action)
-                except Exception as e:  # noqa: BLE001
+                feedback, seconds = outcomes.pop(0)
+                if isinstance(feedback, Exception):
                     active.remove(ep)
-                    finish(ep, "error", f"step {ep.turns}: {type(e).__name__}: {e}")
+                    finish(ep, "error", f"step {ep.turns}: {type(feedback).__name__}: {feedback}")
                     continue
-                ep.seconds += time.time() - t1
+                ep.seconds += seconds
                 ep.score, ep.success = float(feedback.score), bool(feedback.success)
                 observation, done = feedback.observation, feedback.done
             if done or ep.turns >= cap:
@@ -625,6 +632,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
                 active.remove(ep)
                 finish(ep, "success" if ep.success else "failure" if done else "max_turns")
             else:
-                ep.trajectory.messages.append(actions.observation(observation, step))
+                ep.trajectory.messages.append(
+                    actions.observation(observation, step, ep.env.observation_prefix))
     bar.close()
     return episodes  # type: ignore[return-value]

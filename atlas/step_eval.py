@@ -659,9 +659,13 @@ def load_suite(envs: dict[str, tuple[str, DictConfig]], cfg: DictConfig,
             continue
         if n < 1:
             raise ValueError(f"eval.steps.tasks for {name} must be >= 1, got {n}")
+        cls = get_class(env_cfg._target_)
+        if not cls.has_expert:
+            log.warning("eval.steps: %s has no expert to write test trajectories (it is played "
+                        "on a server): no step-level evaluation there", name)
+            continue
         trajectories, path = test_trajectories(env_cfg, n, cfg.seed, cfg.mistake_fraction)
         files[name] = str(path)
-        cls = get_class(env_cfg._target_)
         trajectories = [actions.convert(t, cls) for t in trajectories]
         for t, crit in zip(trajectories, step_criteria(trajectories, cfg.criteria_ratio)):
             items.append((actions.view(t), group, actions.reader(cls), crit))

@@ -24,6 +24,7 @@ import abc
 import hashlib
 import logging
 import random
+import re
 from dataclasses import dataclass
 
 SPLITS = ("train", "test")
@@ -32,6 +33,24 @@ SPLITS = ("train", "test")
 # it opens at INFO level into the job's log.
 for _name in ("py4j", "scienceworld"):  # (and ScienceWorld every task load)
     logging.getLogger(_name).setLevel(logging.WARNING)
+
+
+ACTION = re.compile(r"\baction[ \t]*:", re.IGNORECASE)
+
+
+def parse_action(text: str) -> str | None:
+    """The action of an agent turn ("Thought: ...\\nAction: go north"), or None.
+
+    The last line with a non-empty ``Action:`` wins (a model may restate the format before
+    answering), and within a line the text after its last ``Action:``: "Thought: Action: go
+    forward" is "go forward", as AgentGym's clients read it (they search for "Action:"
+    anywhere, not at the start of a line).
+    """
+    for line in reversed(text.splitlines()):
+        ends = [m.end() for m in ACTION.finditer(line)]
+        if ends and (action := line[ends[-1]:].strip()):
+            return action
+    return None
 
 
 @dataclass(frozen=True)
@@ -101,6 +120,25 @@ class Environment(abc.ABC):
     #: The rules without the text action format, for ``action_format=tools`` (None:
     #: ``instruction``); :data:`TOOLS_NOTE` is appended.
     tools_instruction: str | None = None
+    #: How the agent may act here (``action_format``).
+    action_formats: tuple[str, ...] = ("text", "tools")
+    #: Put before every observation after the first (a user turn).
+    observation_prefix: str = "Observation: "
+    #: Whether ``expert_step`` works (step-level evaluation writes test trajectories with it).
+    has_expert: bool = True
+    #: Whether ``step`` waits on I/O (a server): the rollout loop then steps episodes in threads.
+    remote: bool = False
+
+    @classmethod
+    def opening(cls) -> list[tuple[str, str]]:
+        """(role, text) turns of every episode before its first observation (AgentGym's
+        clients open with the instruction and the model's "OK"); none by default."""
+        return []
+
+    @classmethod
+    def read_action(cls, text: str) -> str | None:
+        """The action written in an agent turn of the text format (None: none)."""
+        return parse_action(text)
 
     @classmethod
     def system_prompt(cls, action_format: str = "text") -> str:
