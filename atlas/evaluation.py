@@ -216,8 +216,8 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None
-    experts = [n for n, (_, c) in envs.items() if get_class(c._target_).has_expert]
-    if eval_cfg.get("steps") and eval_cfg.steps.tasks and not experts:
+    if eval_cfg.get("steps") and eval_cfg.steps.tasks and not any(
+            get_class(c._target_).has_expert for _, c in envs.values()):
         log.warning("eval.steps: no environment of the suite has an expert to write test "
                     "trajectories: rollouts only")
     elif eval_cfg.get("steps") and eval_cfg.steps.tasks:

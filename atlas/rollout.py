@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import StaticCache, StoppingCriteriaList
 
 from atlas.data.trajectory import Message, ToolCall, Trajectory
-from atlas.envs.base import ACTION, Environment, Task, parse_action  # noqa: F401 - re-exported
+from atlas.envs.base import ACTION, Environment, Task, parse_action
 from atlas.utils import ConfigError
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class ActionFormat:
                     m = dataclasses.replace(m, content=thought, tool_calls=[
                         ToolCall(call[0], call[1], id=f"call_{steps}")])
             elif prev is not None and prev.tool_calls:
-                m = self.observation(m.content.removeprefix("Observation: "), prev)
+                m = self.observation(m.content.removeprefix(env_cls.observation_prefix), prev)
             messages.append(m)
         return dataclasses.replace(trajectory, messages=messages, tools=list(env_cls.tools),
                                    system=env_cls.system_prompt(self.kind),
@@ -232,7 +232,11 @@ class Episode:
 
 def has_complete_action(text: str) -> bool:
     """Whether ``text`` holds an action on a finished line ("Action: move[ea" may still grow)."""
-    return parse_action(text[:text.rfind("\n") + 1]) is not None
+    finished = text[:text.rfind("\n") + 1]
+    if parse_action(finished) is None:
+        return False
+    # an action that opens a ``` block (SQLGym's "Action: ```sql") ends where the block closes
+    return finished[[m.end() for m in ACTION.finditer(finished)][-1]:].count("```") % 2 == 0
 
 
 def common_prefix(cached: list[int], prompt: list[int]) -> int:
@@ -517,10 +521,15 @@ def _step_all(moves: list[tuple[Environment, str]]) -> list[tuple[Any, float]]:
         except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
             return e, time.time() - t0
 
-    if sum(env.remote for env, _ in moves) < 2:
-        return [step(env, action) for env, action in moves]
-    with ThreadPoolExecutor(max_workers=min(len(moves), 32)) as threads:
-        return list(threads.map(lambda m: step(*m), moves))
+    remote = [i for i, (env, _) in enumerate(moves) if env.remote]
+    out = [step(*m) if not m[0].remote else None for m in moves]
+    if len(remote) == 1:
+        out[remote[0]] = step(*moves[remote[0]])
+    elif remote:
+        with ThreadPoolExecutor(max_workers=min(len(remote), 32)) as threads:
+            for i, result in zip(remote, threads.map(lambda i: step(*moves[i]), remote)):
+                out[i] = result
+    return out  # type: ignore[return-value]
 
 
 def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: int = 16,
@@ -611,7 +620,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             step, action = actions.turn(response, ep.env, ep.turns)
             ep.trajectory.messages.append(step)
             moves.append((ep, step, action))
-        outcomes = _step_all([(ep.env, action) for ep, _, action in moves if action is not None])
+        outcomes = iter(_step_all([(ep.env, action) for ep, _, action in moves
+                                   if action is not None]))
         for ep, step, action in moves:
             cap = min(ep.env.max_turns, max_turns if isinstance(max_turns, int)
                       else (max_turns or {}).get(ep.task.env, ep.env.max_turns))
@@ -619,7 +629,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
                 ep.invalid += 1
                 observation, done = actions.hint, False
             else:
-                feedback, seconds = outcomes.pop(0)
+                feedback, seconds = next(outcomes)
                 if isinstance(feedback, Exception):
                     active.remove(ep)
                     finish(ep, "error", f"step {ep.turns}: {type(feedback).__name__}: {feedback}")

@@ -14,7 +14,12 @@ played in process. Faults:
 - ``fail(path, *statuses)``: the next requests to ``path`` answer these HTTP statuses;
 - ``stall(path)``: the next request to ``path`` is held (unanswered) until ``release()``;
 - ``die_after(path, n)``: after ``n`` requests to ``path``, the server stops and drops every
-  connection, as a crashed server does.
+  connection, as a crashed server does;
+- ``gather(path, n)``: the next request to ``path`` is held until ``n`` requests are in flight
+  together (or 30 s), so that a test can tell requests sent together from requests sent one by
+  one.
+
+Step answers carry ``success`` (atlas's own servers know it; AgentGym's send a score only).
 
 ``connections`` counts the connections open now (``wait_closed()`` waits for 0), ``in_flight``
 the requests being answered, ``max_in_flight`` the most at a time.
@@ -45,7 +50,7 @@ class EnvServer:
         self.stalled = threading.Event()  # set when a stalled request has arrived
         self.connections = self.in_flight = self.max_in_flight = 0
         self.sockets: set[socket.socket] = set()
-        self.requests: list[tuple[str, Any]] = []
+        self.gathering: dict[str, int] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -83,7 +88,6 @@ class EnvServer:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     server.counts[path] += 1
-                    server.requests.append((path, body))
                     fault = server.faults[path].popleft() if server.faults[path] else None
                     dying = path in server.deaths and server.counts[path] > server.deaths[path]
                 try:
@@ -98,6 +102,11 @@ class EnvServer:
                         return  # never answered
                     if fault is not None:
                         return self.send_json(fault, {"detail": f"fault {fault}"})
+                    with server.lock:
+                        server.lock.notify_all()  # a request waiting for company has it
+                        n = server.gathering.pop(path, None)
+                        if n:
+                            server.lock.wait_for(lambda: server.in_flight >= n, 30)
                     self.send_json(200, server.answer(path, body))
                 finally:
                     with server.lock:
@@ -143,7 +152,7 @@ class EnvServer:
                 return {"state": fb.observation, "reward": fb.score, "done": fb.done, "info": None}
             scale = 100 if self.style == "sciworld" else 1
             return {"observation": fb.observation, "reward": fb.score, "score": scale * fb.score,
-                    "done": fb.done}
+                    "done": fb.done, **({"success": fb.success} if self.style == "agentgym" else {})}
         if path == "close":
             env.close()
             return {"closed": True}
@@ -158,6 +167,9 @@ class EnvServer:
 
     def release(self) -> None:
         self.held.set()
+
+    def gather(self, path: str, n: int) -> None:
+        self.gathering[path] = n
 
     def die_after(self, path: str, n: int) -> None:
         self.deaths[path] = n

@@ -19,16 +19,24 @@ from omegaconf import OmegaConf
 
 from atlas.data.generate import expert_episode
 from atlas.envs.babyai import BabyAIEnv
-from atlas.envs.remote import (CLIENTS, AgentGymEnv, EnvServerError, after_action, crafting_action,
+from atlas.envs.remote import (CLIENTS, AgentGymEnv, EnvServerError, Server, after_action, crafting_action,
                                read_indices, sql_action)
 from atlas.evaluation import run as evaluate_run
-from atlas.rollout import EnvPool, run_episodes
+from atlas.rollout import EnvPool, has_complete_action, run_episodes
 from atlas.utils import ConfigError
 from conftest import CONF, ROOT
 from envserver import EnvServer
 from test_rollout import ScriptedPolicy, _maze
 from test_serving import checkpoint  # noqa: F401 - a fixture
 from test_rollout import chatty_model  # noqa: F401 - a fixture
+
+
+@pytest.fixture(autouse=True)
+def fresh_servers():
+    """Each test its own connection pools and down flags (a port may be reused)."""
+    Server._all.clear()
+    yield
+    Server._all.clear()
 
 
 def _babyai():
@@ -64,12 +72,14 @@ def play_experts(factory, server_factory, n, instances=2, **kw):
 
 @pytest.mark.parametrize("factory", [_maze, _babyai], ids=["maze", "babyai"])
 def test_expert_episodes_over_http_equal_those_in_process(factory):
-    """The same conversation, turn for turn, the same outcome; every connection closed at the
-    end; never more requests in flight than the server's concurrency."""
+    """The same conversation, turn for turn, the same outcome; the episodes of a turn step
+    together, never more requests in flight than the server's concurrency; every connection
+    closed at the end."""
     with EnvServer(factory) as server:
+        server.gather("step", 2)  # the first step waits for a second one
         client = MAZE if factory is _maze else "atlas.envs.babyai.BabyAIEnv"
-        experts, episodes = play_experts(factory, _remote(server, client, n=6, concurrency=2,
-                                                          success_score=0.01), 6, instances=3)
+        experts, episodes = play_experts(factory, _remote(server, client, n=6, concurrency=2),
+                                         6, instances=3)
         assert server.wait_closed(), f"{server.connections} connections left open"
     assert [ep.status for ep in episodes] == ["success"] * 6
     for ep, expert in zip(episodes, experts):
@@ -77,7 +87,7 @@ def test_expert_episodes_over_http_equal_those_in_process(factory):
         assert ep.score == pytest.approx(expert.meta["score"])
     assert server.counts["create"] == 3 and server.counts["close"] == 3  # one id per instance
     assert server.counts["reset"] == 6
-    assert server.max_in_flight <= 2
+    assert server.max_in_flight == 2
 
 
 def test_agentgym_wire_formats_and_conversations():
@@ -107,6 +117,10 @@ def test_agentgym_action_readers():
     assert crafting_action("Thought: ok\nAction: craft 1 stick using 2 planks!\nInstruction: x") == \
         "craft 1 stick using 2 planks"
     assert sql_action("Thought: t\nAction: ```sql\nSELECT 1;\n```") == "SELECT 1;"
+    # decoding stops at a complete action: SQLGym's once its ``` block is closed
+    assert not has_complete_action("Thought: t\nAction: ```sql\nSELECT 1;\n")
+    assert has_complete_action("Thought: t\nAction: ```sql\nSELECT 1;\n```\n")
+    assert has_complete_action("Thought: t\nAction: move[north]\n")
 
 
 def test_indices_from_config(tmp_path):
@@ -151,9 +165,8 @@ def test_a_server_that_is_down_at_start_is_one_line_naming_its_url(tmp_path):
          f"eval.held_out.maze.url={url}", "eval.held_out.maze.retries=0",
          f"hydra.run.dir={tmp_path}"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [
-        line for line in out.stderr.strip().splitlines() if line.startswith("error: ")]
-    assert f"error: env maze: no environment server at {url}" in out.stderr
+    [line] = out.stderr.strip().splitlines()
+    assert line.startswith(f"error: env maze: no environment server at {url} (cannot connect")
 
 
 @pytest.mark.parametrize("fault", ["5xx", "timeout"])
@@ -162,8 +175,9 @@ def test_a_failed_or_slow_request_is_retried(fault):
         if fault == "5xx":
             server.fail("step", 503, 502)  # two retries allowed
         else:
-            server.stall("step")
-        experts, episodes = play_experts(_maze, _remote(server, n=2, timeout=0.5), 2)
+            server.stall("step")  # held unanswered: the client gives up after `timeout`
+        experts, episodes = play_experts(_maze, _remote(server, n=2, timeout=5), 2)
+        assert fault == "5xx" or server.stalled.is_set()
         server.release()
     assert [ep.status for ep in episodes] == ["success"] * 2
     assert [ep.trajectory.chat() for ep in episodes] == [e.chat() for e in experts]
@@ -171,8 +185,10 @@ def test_a_failed_or_slow_request_is_retried(fault):
 
 
 def test_errors_beyond_the_retries_fail_that_episode_and_the_rest_go_on():
-    """An episode whose step keeps answering 500 ends with status "error"; a server that dies
-    mid-run fails the episodes still under way, and the run ends with every episode recorded."""
+    """An episode whose step keeps answering 500 ends with status "error" and the others are
+    played; after a server dies mid-run, the episode under way and every later one end with
+    status "error" (the later ones at once: the server is known to be down) and the run ends
+    with every episode recorded."""
     with EnvServer(_maze) as server:
         server.fail("step", 500, 500, 500)  # the first step: 1 try + 2 retries
         experts, episodes = play_experts(_maze, _remote(server, n=4), 4, instances=1)
@@ -181,9 +197,13 @@ def test_errors_beyond_the_retries_fail_that_episode_and_the_rest_go_on():
 
     with EnvServer(_maze) as server:
         server.die_after("step", 3)
-        experts, episodes = play_experts(_maze, _remote(server, n=4), 4, instances=4)
-    assert len(episodes) == 4 and all(ep.status == "error" for ep in episodes)
-    assert all("POST" in ep.error for ep in episodes)
+        experts, episodes = play_experts(_maze, _remote(server, n=4), 4, instances=1)
+    assert [ep.status for ep in episodes] == ["error"] * 4
+    assert episodes[0].error.startswith(f"step 4: EnvServerError: POST {server.url}/step: ")
+    for ep in episodes[1:]:  # never started: the server is down
+        assert ep.error.startswith(f"start: EnvServerError: env maze: no environment server at "
+                                   f"{server.url} (cannot connect")
+        assert ep.turns == 0
 
 
 def _evaluate(tmp_path, checkpoint, *overrides):  # noqa: F811
@@ -219,6 +239,31 @@ def test_evaluate_on_served_environments_gives_the_in_process_table(tmp_path, ch
     assert served["environments"] == reference["environments"]
     assert served["averages"] == reference["averages"]
     assert "steps" not in served  # no expert on a server: rollouts only (with a warning)
+
+
+def test_evaluate_with_the_agentgym_suite(tmp_path, checkpoint):  # noqa: F811
+    """eval=agentgym, with WebShop and SciWorld pointed at loopback servers in their wire
+    formats (the other environments dropped): the episodes open as AgentGym's clients open
+    them, the table has both, and test indices may be a list."""
+    with EnvServer(_maze, style="webshop") as shop, EnvServer(_maze, style="sciworld") as sci:
+        results = _evaluate(
+            tmp_path, checkpoint, "eval=agentgym", "~eval.held_in.alfworld",
+            "~eval.held_in.babyai", "~eval.held_in.textcraft", "eval.episodes=2",
+            "eval.max_turns=2", "eval.batch_size=4", "eval.generation.max_new_tokens=12",
+            f"eval.held_in.webshop.url={shop.url}", "eval.held_in.webshop.indices.test=[1,0]",
+            f"eval.held_in.sciworld.url={sci.url}", "eval.held_in.sciworld.indices.test=0:2")
+        assert shop.wait_closed() and sci.wait_closed()
+    assert sorted(results["environments"]) == ["sciworld", "webshop"]
+    assert all(r["episodes"] == 2 and r["errors"] == 0 for r in results["environments"].values())
+    episodes = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert sorted(e["meta"]["id"] for e in episodes) == [
+        "sciworld/sciworld/test/0", "sciworld/sciworld/test/1",
+        "webshop/webshop/test/0", "webshop/webshop/test/1"]
+    for e in episodes:
+        first = e["messages"][0]["content"]
+        assert first.startswith("You are web shopping." if e["env"] == "webshop"
+                                else "You are an agent for science world.")
+    assert shop.counts["step"] >= 2 and sci.counts["step"] >= 2
 
 
 def test_the_agentgym_suite_composes_and_refuses_tool_calls(tmp_path):

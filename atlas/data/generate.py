@@ -41,7 +41,7 @@ def agent_turn(thought: str, action: str) -> str:
 
 
 def observation_turn(observation: str) -> str:
-    return f"Observation: {observation}"
+    return f"{Environment.observation_prefix}{observation}"
 
 
 def expert_turns(env: Environment, mistake_at: int | None = None,

@@ -28,10 +28,11 @@ sets are explicit and reproducible.
 Faults: a server that cannot be reached when the environment starts is one error naming its
 URL. A request that fails to connect, times out or answers 5xx is retried ``retries`` times with
 exponential backoff (urllib3's ``Retry``); after that the episode ends with status ``error`` and
-the evaluation goes on. Note that a retried ``/step`` is sent again: a server that applied the
+the evaluation goes on; a server found down fails later requests at once for a minute
+(:class:`Server`). Note that a retried ``/step`` is sent again: a server that applied the
 action before failing to answer applies it twice (AgentGym's servers have no request ids).
-At most ``concurrency`` requests are in flight to one server URL at a time, over pooled
-connections that ``close()`` ends.
+At most ``concurrency`` requests are in flight to one server URL at a time, over one pool of
+connections that the last environment's ``close()`` ends.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ import json
 import logging
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import requests
 from hydra.utils import get_class
+from omegaconf import OmegaConf
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
@@ -242,7 +245,7 @@ def client_named(name: str, key: str) -> tuple[Client, type[Environment] | None]
             cls = get_class(name)
         except Exception:  # noqa: BLE001 - hydra wraps import errors in several types
             cls = None
-        if isinstance(cls, type) and issubclass(cls, Environment) and cls.has_expert:
+        if isinstance(cls, type) and issubclass(cls, Environment) and cls is not AgentGymEnv:
             return mirror(cls), cls
     raise ConfigError(f"{key}={name!r}: not an AgentGym environment ({', '.join(CLIENTS)}) "
                       f"or an atlas environment class (atlas.envs.maze.MazeEnv)")
@@ -274,14 +277,56 @@ def read_indices(spec: Any, key: str) -> list[int]:
 
 # ---- the environment ------------------------------------------------------------------------
 
-_LIMITS: dict[str, threading.BoundedSemaphore] = {}
-_LIMITS_LOCK = threading.Lock()
+class Server:
+    """What the environments on one server URL share in this process: one connection pool
+    (``concurrency`` connections, urllib3's retries with backoff), the limit on requests in
+    flight, and whether the server was found down. The last environment to close closes the
+    connections. A server found down (no connection after the retries) fails requests at once
+    for ``DOWN_SECONDS``, so the episodes after a crash do not each wait out the retries; then
+    one request tries again."""
 
+    DOWN_SECONDS = 60.0
+    _all: dict[str, "Server"] = {}
+    _lock = threading.Lock()
 
-def _limit(url: str, concurrency: int) -> threading.BoundedSemaphore:
-    """The one semaphore of a server URL, shared by every environment that talks to it."""
-    with _LIMITS_LOCK:
-        return _LIMITS.setdefault(url, threading.BoundedSemaphore(concurrency))
+    def __init__(self, url: str, concurrency: int, retries: int, backoff: float):
+        self.url, self.concurrency, self.users = url, concurrency, 0
+        self.limit = threading.BoundedSemaphore(concurrency)
+        self._down: tuple[str, float] | None = None  # (why, until when)
+        self.session = requests.Session()
+        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
+                      backoff_factor=backoff, status_forcelist=(500, 502, 503, 504),
+                      allowed_methods=None, raise_on_status=True)
+        adapter = HTTPAdapter(max_retries=retry, pool_connections=1, pool_maxsize=concurrency)
+        for scheme in ("http://", "https://"):
+            self.session.mount(scheme, adapter)
+
+    @classmethod
+    def of(cls, url: str, concurrency: int, retries: int, backoff: float) -> "Server":
+        """The server of ``url`` (one per URL and settings), held until :meth:`release`."""
+        with cls._lock:
+            key = f"{url} {concurrency} {retries} {backoff}"
+            server = cls._all.get(key)
+            if server is None:
+                server = cls._all[key] = cls(url, concurrency, retries, backoff)
+            server.users += 1
+            return server
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            if self.users == 0:
+                self.session.close()  # (a later environment opens new connections)
+
+    @property
+    def down(self) -> str | None:
+        """Why the server is taken as down, or None."""
+        if self._down and time.monotonic() < self._down[1]:
+            return self._down[0]
+        return None
+
+    def found_down(self, reason: str) -> None:
+        self._down = (reason, time.monotonic() + self.DOWN_SECONDS)
 
 
 class AgentGymEnv(Environment):
@@ -296,43 +341,42 @@ class AgentGymEnv(Environment):
         indices: Task indices by split (``test``, ``train``): a list, ``"start:stop"`` or an
             AgentEval file.
         max_turns: Turn cap of an episode (AgentGym's ``max_rounds``).
-        timeout: Seconds to wait for one answer.
+        timeout: Seconds to wait for one answer (connecting: at most 10).
         retries: Times a failed request (no connection, timeout, 5xx) is retried.
-        backoff: Seconds before the first retry; doubles at every retry.
+        backoff: urllib3's backoff factor: the retries wait 0, 2 x, 4 x ... this many seconds.
         concurrency: Requests in flight to this server at a time, over all its environments.
-        success_score: The score in [0, 1] that counts as solved (None: the client's).
+        success_score: The score in [0, 1] that counts as solved (None: the client's; a server
+            that answers ``success`` itself is believed).
     """
 
     action_formats = ("text",)
     has_expert = False
     remote = True
 
-    def __init__(self, name: str, url: str, client: str, indices: dict | None = None,
+    def __init__(self, name: str, url: str, client: str, indices: Any = None,
                  max_turns: int = 30, timeout: float = 120.0, retries: int = 3,
                  backoff: float = 0.5, concurrency: int = 8, success_score: float | None = None):
-        super().__init__(name, [client.rsplit(".", 1)[-1]], max_turns)
         self.client, self.mirrored = client_named(client, f"env {name}: client")
+        super().__init__(name, [name if self.mirrored else client], max_turns)
         for key, value, low in (("timeout", timeout, 1e-9), ("retries", retries, 0),
                                 ("backoff", backoff, 0), ("concurrency", concurrency, 1)):
             if value is None or value < low:
                 raise ConfigError(f"env {name}: {key} must be >= {low:g}, got {value!r}")
-        self.url, self.timeout = url.rstrip("/"), timeout
+        self.url, self.timeout = url.rstrip("/"), (min(timeout, 10.0), timeout)
+        indices = OmegaConf.to_container(indices) if OmegaConf.is_config(indices) else indices
         self.indices = dict(indices or {})
         self.success_score = self.client.success_score if success_score is None else success_score
-        self.limit = _limit(self.url, concurrency)
-        self.session = requests.Session()
-        retry = Retry(total=retries, connect=retries, read=retries, status=retries,
-                      backoff_factor=backoff, status_forcelist=(500, 502, 503, 504),
-                      allowed_methods=None, raise_on_status=True)
-        self.session.mount("http://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
-        self.session.mount("https://", HTTPAdapter(max_retries=retry, pool_maxsize=concurrency))
+        self.server = Server.of(self.url, concurrency, retries, backoff)
         self.env_id: Any = None
         try:
             created = self.request("POST", "create", dict(self.client.create), with_id=False)
         except EnvServerError as e:
-            self.session.close()
-            raise EnvServerError(f"env {name}: no environment server at {self.url} ({e.reason})"
-                                 ) from None
+            down = self.server.down
+            self.close()
+            if down:
+                raise EnvServerError(f"env {name}: no environment server at {self.url} ({down})"
+                                     ) from None
+            raise EnvServerError(f"env {name}: {e}") from None
         self.env_id = created.get(self.client.id_key, created.get("id")) if isinstance(
             created, dict) else created
         if self.env_id is None:
@@ -373,18 +417,23 @@ class AgentGymEnv(Environment):
     # ---- the protocol --------------------------------------------------------------------
     def request(self, method: str, path: str, body: dict | None = None,
                 params: dict | None = None, with_id: bool = True) -> Any:
-        """One request (retried by the session); the JSON answer. An answer that is an error
-        (HTTP >= 400 after retries, ``{"error": ...}`` as AgentGym's servers send it, not JSON)
-        raises :class:`EnvServerError`."""
+        """One request (retried by the server's connection pool); the JSON answer. An answer
+        that is an error (HTTP >= 400 after retries, ``{"error": ...}`` as AgentGym's servers
+        send it, not JSON), or a server found down before, raises :class:`EnvServerError`."""
         url = f"{self.url}/{path}"
+        if self.server.down:  # fail fast: every request would wait out its retries again
+            raise _error(f"{method} {url}", f"the server is down ({self.server.down})")
         if with_id and method == "POST":
             body = {self.client.id_key: self.env_id, **(body or {})}
-        with self.limit:
+        with self.server.limit:
             try:
-                r = self.session.request(method, url, json=body, params=params,
-                                         timeout=self.timeout)
+                r = self.server.session.request(method, url, json=body, params=params,
+                                                timeout=self.timeout)
             except requests.RequestException as e:
-                raise _error(f"{method} {url}", _reason(e)) from None
+                reason = _reason(e)
+                if reason.startswith("cannot connect"):
+                    self.server.found_down(reason)
+                raise _error(f"{method} {url}", reason) from None
         if r.status_code >= 400:
             raise _error(f"{method} {url}", f"HTTP {r.status_code}: {r.text[:200]}")
         try:
@@ -404,21 +453,25 @@ class AgentGymEnv(Environment):
         if not isinstance(r, dict) or self.client.observation not in r:
             raise _error(f"POST {self.url}/step", f"no {self.client.observation!r} in {r!r}"[:300])
         score = min(max(float(r.get(self.client.score) or 0.0) / self.client.scale, 0.0), 1.0)
+        success = r["success"] if isinstance(r.get("success"), bool) else score >= self.success_score
         return Feedback(str(r[self.client.observation]), done=bool(r.get("done")), score=score,
-                        success=score >= self.success_score)
+                        success=success)
 
     def close(self) -> None:
-        """Free the environment on the server (newer servers have ``/close``) and close the
-        connections."""
+        """Free the environment on the server (newer servers have ``/close``; one try, no
+        retries) and, with the server's last environment, its connections."""
+        if self.server is None:
+            return
         try:
-            if self.env_id is not None:
-                self.session.post(f"{self.url}/close", json={self.client.id_key: self.env_id},
-                                  timeout=min(self.timeout, 5.0))
+            if self.env_id is not None and not self.server.down:
+                requests.post(f"{self.url}/close", json={self.client.id_key: self.env_id},
+                              timeout=(min(self.timeout[0], 5.0), 5.0))
         except requests.RequestException:
             pass  # an older server without /close, or one that is gone: nothing to free
         finally:
             self.env_id = None
-            self.session.close()
+            self.server.release()
+            self.server = None
 
     def expert_step(self, after_mistake: str | None = None) -> tuple[str, str]:
         raise NotImplementedError(f"{self.name} is played on a server: it has no expert")
@@ -434,12 +487,18 @@ def _error(what: str, reason: str) -> EnvServerError:
 
 
 def _reason(e: requests.RequestException) -> str:
-    """A short reason for a failed request (urllib3 nests the cause several levels deep)."""
-    cause: BaseException | None = e
-    while cause is not None and cause.args and isinstance(cause.args[0], BaseException):
-        cause = cause.args[0]
-    text = str(getattr(cause, "reason", None) or cause)
-    kind = ("timed out" if isinstance(e, requests.Timeout) else
-            "too many failed attempts" if isinstance(e, requests.exceptions.RetryError) else
-            "cannot connect" if isinstance(e, requests.ConnectionError) else type(e).__name__)
-    return f"{kind}: {text}"[:300]
+    """A short reason for a failed request: what urllib3 met last, under the layers of
+    exceptions requests and urllib3 wrap it in."""
+    chain, cause = [], e
+    while isinstance(cause, BaseException) and cause not in chain:
+        chain.append(cause)
+        cause = getattr(cause, "reason", None) or (cause.args[0] if cause.args else None)
+    kinds = {type(c).__name__ for c in chain}
+    last = chain[-1]
+    kind = ("timed out" if kinds & {"ReadTimeoutError", "ReadTimeout", "TimeoutError"} else
+            "too many failed attempts" if "ResponseError" in kinds or isinstance(
+                e, requests.exceptions.RetryError) else
+            "cannot connect" if kinds & {"NewConnectionError", "ConnectTimeoutError",
+                                         "ConnectionRefusedError", "NameResolutionError"} else
+            "connection lost" if isinstance(e, requests.ConnectionError) else type(e).__name__)
+    return f"{kind}: {last}"[:300]
