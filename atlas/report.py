@@ -138,9 +138,8 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
     columns.update({name: "training" for name in TRAINING})
     # "selector" is the row key already; any other choice that differs must split the cells,
     # and so must any other override (module.lr=..., data.limit=...) that differs
-    keys = sorted({k for job in jobs for k in job["summary"].get("choices") or {}} - {"selector"})
-    choice_keys = [k for k in keys
-                   if len({(job["summary"].get("choices") or {}).get(k) for job in jobs}) > 1]
+    keys = sorted({k for job in jobs for k in _choices(job["summary"])} - {"selector"})
+    choice_keys = [k for k in keys if len({_choices(job["summary"]).get(k) for job in jobs}) > 1]
     if len({_other_overrides(job) for job in jobs}) > 1:
         choice_keys.append("overrides")
     cells: dict[tuple, list[dict]] = {}
@@ -148,7 +147,7 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
         s = job["summary"]
         ratio = 1.0 if s["selector"] == "full" else round(float(s["ratio"]), 6)  # full ignores it
         choices = tuple(_other_overrides(job) if k == "overrides"
-                        else str((s.get("choices") or {}).get(k, "?")) for k in choice_keys)
+                        else str(_choices(s).get(k, "?")) for k in choice_keys)
         cells.setdefault((s["selector"], ratio, choices), []).append(job)
     rows = []
     for (selector, ratio, choices), members in sorted(cells.items()):
@@ -329,6 +328,12 @@ def _value(job: dict[str, Any], name: str, group: str, metric: str) -> float | N
     return None if value is None or math.isnan(float(value)) else float(value)
 
 
+def _choices(summary: dict[str, Any]) -> dict[str, Any]:
+    """A job's config-group choices, and its ``selector.granularity`` (a dimension of the
+    comparison beside them: ``-m selector.granularity=step,action``)."""
+    return {**(summary.get("choices") or {}), "granularity": summary.get("granularity", "step")}
+
+
 def _other_overrides(job: dict[str, Any]) -> str:
     """The job's command-line overrides besides the selector, ratio, seed and group choices
     (from ``.hydra/overrides.yaml``), e.g. ``module.lr=0.001``; empty when there are none."""
@@ -341,7 +346,8 @@ def _other_overrides(job: dict[str, Any]) -> str:
     keep = []
     for override in OmegaConf.load(path) or []:
         key = override.split("=", 1)[0].lstrip("+~")
-        if key not in {"selector", "ratio", "seed", *choices} and not key.startswith("hydra"):
+        if key not in {"selector", "ratio", "seed", "selector.granularity", *choices} \
+                and not key.startswith("hydra"):
             keep.append(override)
     return " ".join(sorted(keep))
 

@@ -188,6 +188,28 @@ def log_failures(selections: Sequence[Selection], on_failure: str = "skip",
               "status 'failed' in %s.", msg, record)
 
 
+def build_selector(cfg) -> tuple["Selector", str]:
+    """The selector of a ``selector`` config and its ``granularity``: which part of each chosen
+    step is supervised (``step``, ``action``, ``thought``; atlas/data/masking.py), a setting of
+    the masks rather than of the choice, so it is not passed to the selector."""
+    from hydra.utils import instantiate
+    from omegaconf import open_dict
+
+    from atlas.data.masking import GRANULARITIES
+
+    granularity = cfg.get("granularity", "step")
+    if granularity not in GRANULARITIES:
+        raise ConfigError(f"selector.granularity must be one of {', '.join(GRANULARITIES)}, "
+                          f"got {granularity!r}")
+    with open_dict(cfg):
+        cfg.pop("granularity", None)
+        try:
+            selector = instantiate(cfg)
+        finally:
+            cfg.granularity = granularity
+    return selector, granularity
+
+
 class Selector:
     """Chooses the supervised steps of trajectories.
 
@@ -661,8 +683,6 @@ def write_selection(out_dir: str | Path, trajectories: Sequence[Trajectory],
 
 def run(cfg) -> dict[str, Any]:
     """The ``select.py`` job: load, split like ``train.py``, select, write the selection files."""
-    from hydra.utils import instantiate
-
     from atlas.data.datamodule import load_trajectories, split_trajectories
     from atlas.utils import atomic_write
 
@@ -676,7 +696,7 @@ def run(cfg) -> dict[str, Any]:
         trajectories = in_action_format(trajectories, cfg.eval)
     if cfg.split == "train":
         trajectories, _ = split_trajectories(trajectories, d.val_fraction)
-    selector = instantiate(cfg.selector)
+    selector, _ = build_selector(cfg.selector)
     selections = selector.selections(trajectories)
     out = Path(cfg.paths.output_dir)
     files = write_selection(out, trajectories, selections)

@@ -32,7 +32,8 @@ from omegaconf import DictConfig, OmegaConf
 from atlas.data.datamodule import load_trajectories, split_trajectories
 from atlas.evaluation import in_action_format
 from atlas.model import load_model, load_tokenizer
-from atlas.selection import apply_selections, select_steps, summarize, write_selection
+from atlas.selection import (apply_selections, build_selector, select_steps, summarize,
+                             write_selection)
 from atlas.utils import (DDP_JOB_ENV, atomic_write, redact, single_log_handler,
                          wandb_offline_by_default)
 
@@ -109,11 +110,14 @@ def _wandb_run(cfg: DictConfig, choices: dict[str, str], selector_name: str,
     ratio = "all" if selector_name == "full" else f"{cfg.ratio:g}"
     tags = [f"selector:{selector_name}", f"ratio:{ratio}", f"seed:{cfg.seed}"]
     tags += [f"{g}:{choices[g]}" for g in ("model", "oracle", "data") if g in choices]
+    granularity = cfg.selector.get("granularity", "step")
+    tags.append(f"granularity:{granularity}")
+    part = "" if granularity == "step" else f"-{granularity}"
     return {"group": lc.get("group") or (f"{cfg.task_name}-{Path(sweep_dir).name}" if sweep_dir
                                          else None),
             "tags": [*(lc.get("tags") or []), *tags],
-            "name": lc.get("name") or (f"{selector_name}-s{cfg.seed}" if selector_name == "full"
-                                       else f"{selector_name}-r{ratio}-s{cfg.seed}")}
+            "name": lc.get("name") or (f"{selector_name}{part}-s{cfg.seed}" if selector_name == "full"
+                                       else f"{selector_name}{part}-r{ratio}-s{cfg.seed}")}
 
 
 def _callbacks(cfg: DictConfig | None, has_logger: bool) -> list[Any]:
@@ -181,7 +185,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     train_t, val_t = split_trajectories(trajectories, d.val_fraction)
 
     # 2. selection (selector + oracle + ratio; reused from selection_file, oracle answers cached)
-    selector = instantiate(cfg.selector)
+    selector, granularity = build_selector(cfg.selector)
     selection_file = out / "selection.jsonl"
     reuse = cfg.get("selection_file")
     if rank_zero_only.rank != 0:
@@ -198,13 +202,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     # 3. masked examples (chat template, labels only on the selected steps)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     # _partial_: runtime objects passed to instantiate() would be turned into configs
-    datamodule = instantiate(d.loader, _partial_=True)(train=selection, val=val_t, tokenizer=tokenizer)
+    datamodule = instantiate(d.loader, _partial_=True)(train=selection, val=val_t, tokenizer=tokenizer,
+                                                       granularity=granularity)
     datamodule.setup("fit")
     stats = dict(datamodule.stats)
     selected = summarize(selections)
     stats.update({f"select/{k}": v for k, v in selected.items() if k != "criteria"})
-    log.info("selector=%s%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
+    log.info("selector=%s%s%s: %d of %d training steps supervised (%.1f%%), %d of %d tokens",
              selector.name, "" if selector.name == "full" else f" ratio={cfg.ratio}",
+             "" if granularity == "step" else f" granularity={granularity}",
              stats["train/supervised_steps"], stats["train/steps"],
              100 * stats["train/supervised_step_fraction"], stats["train/supervised_tokens"],
              stats["train/tokens"])
@@ -228,6 +234,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if logger:
         trainer.logger.log_hyperparams({**safe_config, "choices": choices, "selection": stats})
     summary: dict[str, Any] = {"choices": choices, "selector": selector.name, "ratio": cfg.ratio,
+                               "granularity": granularity,
                                "seed": cfg.seed, "selection": stats,
                                "criteria": selected["criteria"], "oracle_run": selector.last_run}
     try:

@@ -272,3 +272,66 @@ def test_special_tokens_in_text_is_a_data_setting(tmp_path):
         cfg = compose_train(tmp_path, f"data.special_tokens_in_text={value}")
         loader = instantiate(cfg.data.loader, _partial_=True)(train=[], val=[], tokenizer=None)
         assert loader.special_tokens_in_text == value
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_action_and_thought_granularity_are_token_exact(shared_data, family):
+    """selector.granularity=action supervises each chosen step from the Action: that the
+    rollout loop reads through its end of turn; =thought what comes before it, no end of turn.
+    A step without an action: whole under action, without its end of turn under thought."""
+    from atlas.envs.base import action_start
+
+    tok = family_tokenizer(family)
+    eot = FAMILIES[family][3]
+    rng = random.Random(1)
+    parts = {"action": 0, "thought": 0, "whole": 0}
+    for t in real_trajectories(shared_data):
+        chosen = sorted(rng.sample(range(t.num_steps), rng.randint(1, t.num_steps)))
+        sel = t.with_selection(chosen)
+        step = encode(sel, tok)
+        for granularity in ("action", "thought"):
+            expected = []
+            for k in chosen:
+                text = t.steps[k].message.content.strip()
+                a = action_start(text)
+                if a is None:
+                    parts["whole"] += 1
+                    expected.append(text + eot if granularity == "action" else text)
+                elif granularity == "action":
+                    parts["action"] += 1
+                    expected.append(text[a:] + eot)
+                elif text[:a]:
+                    parts["thought"] += 1
+                    expected.append(text[:a])
+            if not expected:  # only thoughtless steps chosen: nothing to supervise
+                with pytest.raises(MaskingError, match="have no thought"):
+                    encode(sel, tok, granularity=granularity)
+                continue
+            ex = encode(sel, tok, granularity=granularity)
+            assert supervised_runs(ex, tok) == expected, (family, t.id, granularity)
+            assert ex.num_supervised_tokens <= step.num_supervised_tokens
+            assert ex.input_ids == step.input_ids[:len(ex.input_ids)]
+    assert parts["action"] > 60 and parts["thought"] > 60, parts  # (whole: the test below)
+
+
+def test_granularity_is_checked_and_a_thoughtless_selection_is_left_out(tokenizer, caplog):
+    from atlas.data.datamodule import TrajectoryDataModule
+    from atlas.data.masking import NothingToSuperviseError
+
+    t = Trajectory("t", "e", [Message("user", "go"), Message("assistant", "Action: north"),
+                              Message("user", "ok"), Message("assistant", "Thought: x\nAction: y")])
+    with pytest.raises(ValueError, match="granularity must be one of"):
+        encode(t, tokenizer, granularity="token")
+    with pytest.raises(NothingToSuperviseError, match="no thought"):
+        encode(t.with_selection([0]), tokenizer, granularity="thought")
+    dm = TrajectoryDataModule([t.with_selection([0]), t.with_selection([1])], [], tokenizer,
+                              granularity="thought")
+    dm.setup("fit")
+    assert [e.trajectory_id for e in dm.train_examples] == ["t"]
+    assert "1 trajectories have no selected step with a thought" in caplog.text
+    # a step without an action: whole under action, without its end of turn under thought
+    u = Trajectory("u", "e", [Message("user", "go"), Message("assistant", "I am not sure yet.")])
+    assert supervised_runs(encode(u, tokenizer, granularity="action"), tokenizer) == [
+        "I am not sure yet.<|im_end|>"]
+    assert supervised_runs(encode(u, tokenizer, granularity="thought"), tokenizer) == [
+        "I am not sure yet."]

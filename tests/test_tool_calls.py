@@ -621,3 +621,40 @@ def test_shared_prefix_decoder_stops_a_row_once_its_call_is_written(tokenizer, t
     decoder = SharedPrefixDecoder(model, tokenizer, complete=ActionFormat("tools").complete)
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     assert decoder._finished(_Row((0, 0), 0, 0, [], ids)) is done
+
+
+@pytest.mark.parametrize("family", sorted(TOOL_FAMILIES))
+def test_action_granularity_of_a_tool_step_is_its_calls(family):
+    """selector.granularity=action supervises the calls as the template writes them (and the
+    end of turn), =thought the step's text before them (none where the template drops it)."""
+    from atlas.envs.base import action_start
+
+    tok = tool_tokenizer(family)
+    eot = "<|im_end|>" if family == "qwen2_5" else "<|eot_id|>"
+    rng = random.Random(2)
+    checked = 0
+    for t in tool_cases(family):
+        chosen = sorted(rng.sample(range(t.num_steps), rng.randint(1, t.num_steps)))
+        expected = {"action": [], "thought": []}
+        for k in chosen:
+            m = t.steps[k].message
+            if m.tool_calls:
+                whole = reference(family, m)
+                thought = m.content.strip() if family == "qwen2_5" else ""
+                cut = whole.index(thought) + len(thought) if thought else 0
+                expected["action"].append(whole[cut:].lstrip())
+                if thought:
+                    expected["thought"].append(whole[:len(whole) - len(whole[cut:].lstrip())])
+                checked += 1
+            else:
+                text = m.content if family == "qwen2_5" else m.content.strip()
+                a = action_start(text)
+                expected["action"].append((text if a is None else text[a:]) + eot)
+                if a != 0:
+                    expected["thought"].append(text if a is None else text[:a])
+        for granularity, runs in expected.items():
+            if not runs:
+                continue
+            ex = encode(t.with_selection(chosen), tok, granularity=granularity)
+            assert supervised_runs(ex, tok) == runs, (family, t.id, granularity)
+    assert checked > 40

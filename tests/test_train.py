@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from atlas.data import read_trajectories
 from atlas.selection import num_selected
 from atlas.training import train
-from atlas.utils import redact
+from atlas.utils import ConfigError, redact
 from conftest import ROOT, compose_train
 
 
@@ -123,6 +123,28 @@ def test_loss_average_and_bad_values_are_checked(tmp_path):
         train(compose_train(tmp_path / "x", "module.loss_average=mean"))
     with pytest.raises(Exception, match=r"ratio must be a number in \(0, 1\]"):
         train(compose_train(tmp_path / "y", "selector=random", "ratio=0"))
+
+
+def test_granularity_action_trains_on_fewer_tokens_and_is_a_dimension_of_the_report(tmp_path):
+    """selector.granularity=action: the same steps chosen, only their actions supervised; the
+    summary and the W&B run name carry it; the report splits its cells by it."""
+    from atlas.report import aggregate
+
+    common = ["selector=critical", "ratio=0.3", "trainer.max_steps=1", "logger=none"]
+    step = train(compose_train(tmp_path / "step", *common))
+    action = train(compose_train(tmp_path / "action", *common, "selector.granularity=action"))
+    assert (step["granularity"], action["granularity"]) == ("step", "action")
+    s, a = step["selection"], action["selection"]
+    assert a["train/supervised_steps"] == s["train/supervised_steps"]
+    assert 0 < a["train/supervised_tokens"] < s["train/supervised_tokens"]
+    jobs = [{"dir": tmp_path / n, "summary": summary, "results": {}, "eval_dir": tmp_path / n}
+            for n, summary in (("step", step), ("action", action))]
+    choice_keys, _, rows = aggregate(jobs, "success")
+    assert choice_keys == ["granularity"]
+    assert [r["granularity"] for r in rows] == ["action", "step"]
+    with pytest.raises(ConfigError, match="selector.granularity must be one of step, action, "
+                                          "thought, got 'tokens'"):
+        train(compose_train(tmp_path / "bad", "selector.granularity=tokens"))
 
 
 def test_redact_hides_secrets():

@@ -17,7 +17,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from atlas.data.formats import read_trajectories
-from atlas.data.masking import IGNORE_INDEX, Example, MaskingError, StepOverflowError, encode
+from atlas.data.masking import (GRANULARITIES, IGNORE_INDEX, Example, MaskingError,
+                                 NothingToSuperviseError, StepOverflowError, encode)
 from atlas.data.trajectory import Trajectory
 from atlas.utils import ConfigError
 
@@ -171,14 +172,21 @@ class TrajectoryDataModule(L.LightningDataModule):
         seed: Seed of the shuffled order (None: torch's initial seed, which
             ``L.seed_everything`` sets to the run's ``seed``).
         num_workers: DataLoader workers.
+        granularity: Which part of each selected training step is supervised: ``step``,
+            ``action`` or ``thought`` (``selector.granularity``; :func:`encode`). Validation
+            always scores whole steps, so ``val/loss`` stays comparable across granularities.
     """
 
     def __init__(self, train: list[Trajectory], val: list[Trajectory], tokenizer,
                  max_length: int | None = 1024, overflow: str = "drop_steps", batch_size: int = 1,
                  num_workers: int = 0, packing: bool = False, pack_length: int | None = None,
                  group_by_length: bool = False, seed: int | None = None,
-                 special_tokens_in_text: str = "warn", tools_as_text: bool = False):
+                 special_tokens_in_text: str = "warn", tools_as_text: bool = False,
+                 granularity: str = "step"):
         super().__init__()
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        self.granularity = granularity
         self.tools_as_text = tools_as_text
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
@@ -195,7 +203,8 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.val_examples: list[Example] = []
         self.stats: dict[str, float] = {}
 
-    def _encode_all(self, trajectories: list[Trajectory], split: str) -> list[Example]:
+    def _encode_all(self, trajectories: list[Trajectory], split: str,
+                    granularity: str = "step") -> list[Example]:
         examples, unselected, overflowed, dropped_steps = [], [], [], 0
         for t in trajectories:
             if not t.selected_steps:
@@ -203,7 +212,11 @@ class TrajectoryDataModule(L.LightningDataModule):
                 continue
             try:
                 ex = encode(t.as_text() if self.tools_as_text else t, self.tokenizer,
-                            self.max_length, self.overflow, self.special_tokens_in_text)
+                            self.max_length, self.overflow, self.special_tokens_in_text,
+                            granularity)
+            except NothingToSuperviseError:
+                unselected.append(t.id)
+                continue
             except StepOverflowError:
                 if self.overflow == "error":
                     raise
@@ -213,8 +226,9 @@ class TrajectoryDataModule(L.LightningDataModule):
             dropped_steps += len(ex.dropped_steps)
             examples.append(ex)
         if unselected:
-            log.warning("%s: %d trajectories have no selected step and are left out (e.g. %s)",
-                        split, len(unselected), unselected[:3])
+            log.warning("%s: %d trajectories have no selected step%s and are left out (e.g. %s)",
+                        split, len(unselected), "" if granularity == "step" else
+                        f" with a {granularity}", unselected[:3])
         if dropped_steps:
             log.warning("%s: %d selected steps end past max_length=%s and are not supervised",
                         split, dropped_steps, self.max_length)
@@ -231,7 +245,7 @@ class TrajectoryDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_examples is not None:
             return
-        self.train_examples = self._encode_all(self.train_trajectories, "train")
+        self.train_examples = self._encode_all(self.train_trajectories, "train", self.granularity)
         if self.val_trajectories:  # as read: every candidate step of the source is scored
             self.val_examples = self._encode_all(self.val_trajectories, "val")
         ex = self.train_examples

@@ -31,7 +31,13 @@ A template that cannot render tools is an error naming the model and the way out
 (``data.tools_as_text=true``: :meth:`Trajectory.as_text`).
 
 Labels are the input ids on the selected steps' tokens and -100 elsewhere. Everything after the
-last selected step is dropped: a causal LM's loss on earlier tokens cannot depend on it.
+last supervised token is dropped: a causal LM's loss on earlier tokens cannot depend on it.
+
+Granularity (``selector.granularity``) supervises part of each selected step: ``step`` the whole
+turn, ``action`` only its action and the end of turn (from the ``Action:`` that the rollout loop
+reads, or the tool call as the template writes it), ``thought`` only what comes before the
+action (no end of turn). A token that spans the boundary goes with the action. A step without
+an action is supervised whole under ``action`` and without its end of turn under ``thought``.
 """
 
 from __future__ import annotations
@@ -46,12 +52,14 @@ from typing import Any
 from jinja2 import TemplateError
 
 from atlas.data.trajectory import Trajectory
+from atlas.envs.base import action_start
 from atlas.utils import UserError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 OVERFLOW = ("drop_steps", "error")
+GRANULARITIES = ("step", "action", "thought")
 SPECIAL_TOKENS_IN_TEXT = ("error", "warn", "allow")
 
 
@@ -63,6 +71,10 @@ class StepOverflowError(MaskingError):
     """Selected steps end past ``max_length``."""
 
 
+class NothingToSuperviseError(MaskingError):
+    """The selected steps have no token at the chosen granularity (e.g. thoughtless steps)."""
+
+
 @dataclass
 class TokenizedTrajectory:
     """A rendered trajectory and the token span of each step.
@@ -71,11 +83,25 @@ class TokenizedTrajectory:
         input_ids: Token ids of the whole rendered conversation.
         step_spans: Per step, ``(start, end)`` token indices (end exclusive, end-of-turn included).
         text: The rendered text.
+        action_starts: Per step, the token where its action begins (None: it has none).
+        text_ends: Per step, the token after its text (before the end-of-turn tokens).
     """
 
     input_ids: list[int]
     step_spans: list[tuple[int, int]]
     text: str
+    action_starts: list[int | None] = field(default_factory=list)
+    text_ends: list[int] = field(default_factory=list)
+
+    def span(self, k: int, granularity: str = "step") -> tuple[int, int]:
+        """The tokens of step ``k`` supervised at ``granularity`` (possibly empty)."""
+        start, end = self.step_spans[k]
+        action = self.action_starts[k]
+        if granularity == "action":
+            return (start if action is None else action, end)
+        if granularity == "thought":
+            return (start, self.text_ends[k] if action is None else action)
+        return start, end
 
 
 @dataclass
@@ -244,6 +270,7 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
     # 2. walk the real rendering: markup, step, markup, step... each step as the template
     #    writes it (whole, or stripped by templates that trim: Llama-3, Gemma)
     char_spans: list[tuple[int, int]] = []
+    action_chars: list[int | None] = []  # where each step's action begins
     pos = 0
     for k, step in enumerate(steps):
         if not text.startswith(segments[k], pos):
@@ -257,6 +284,10 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
         if step.message.tool_calls:
             char_spans.append(_tool_step_span(text, pos, after, k + 1 == len(steps), step, name,
                                               tokenizer))
+            region = text[pos:char_spans[-1][1]]  # the step's text (if kept), then its calls
+            kept = step.message.content.strip()
+            at = region.find(kept) + len(kept) if kept and kept in region else 0
+            action_chars.append(pos + at + len(region[at:]) - len(region[at:].lstrip()))
             pos = char_spans[-1][1]
             continue
         fits = [c for c in dict.fromkeys([content, content.strip()])
@@ -267,6 +298,8 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
                                f"verbatim in the chat template's output; the template rewrites "
                                f"assistant turns, so its tokens cannot be located")
         char_spans.append((pos, pos + len(fits[0])))
+        a = action_start(fits[0])
+        action_chars.append(None if a is None else pos + a)
         pos += len(fits[0])
 
     # 3. what the template writes to close each turn: the rendering of the conversation that
@@ -280,7 +313,7 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     specials = special_token_ids(tokenizer)
-    step_spans = []
+    step_spans, action_starts, text_ends = [], [], []
     for k, ((s, e), closing) in enumerate(zip(char_spans, closings)):
         toks = [j for j, (a, b) in enumerate(offsets) if a < e and b > s and b > a]
         if not toks:
@@ -292,11 +325,15 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
                 f"{name}: step {k} (message {steps[k].message_index}) does not begin and end on "
                 f"token boundaries: a token spans the template's markup and the step "
                 f"({text[offsets[start][0]:offsets[end - 1][1]]!r})")
+        text_ends.append(end)
+        a = action_chars[k]  # the action: from the token that holds its first character
+        action_starts.append(None if a is None else next(j for j in toks if offsets[j][1] > a))
         # the end-of-turn tokens: supervising them teaches the model to stop
         while end < len(ids) and ids[end] in specials and offsets[end][1] <= closing:
             end += 1
         step_spans.append((start, end))
-    return TokenizedTrajectory(input_ids=list(ids), step_spans=step_spans, text=text)
+    return TokenizedTrajectory(input_ids=list(ids), step_spans=step_spans, text=text,
+                               action_starts=action_starts, text_ends=text_ends)
 
 
 def _tool_step_span(text: str, pos: int, after: str, last: bool, step, name: str,
@@ -339,7 +376,8 @@ def _check_control_strings(trajectory, steps, tokenizer, policy: str) -> None:
 
 
 def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
-           overflow: str = "drop_steps", special_tokens_in_text: str = "warn") -> Example:
+           overflow: str = "drop_steps", special_tokens_in_text: str = "warn",
+           granularity: str = "step") -> Example:
     """Build the masked example of a trajectory: labels only on its selected steps.
 
     Args:
@@ -349,14 +387,18 @@ def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
         overflow: What to do with a selected step that ends past ``max_length``: ``drop_steps``
             leaves it out of the example and records it in ``Example.dropped_steps`` (never
             half a step); ``error`` raises.
+        special_tokens_in_text: See :func:`tokenize_steps`.
+        granularity: ``step``, ``action`` or ``thought``: which part of each selected step is
+            supervised (module docstring).
 
     Raises:
         MaskingError: the example would have no supervised token, or a step overflows with
             ``overflow="error"``.
-        special_tokens_in_text: See :func:`tokenize_steps`.
     """
     if overflow not in OVERFLOW:
         raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     tok = tokenize_steps(trajectory, tokenizer, special_tokens_in_text)
     selected = trajectory.selected_steps
     dropped: list[int] = []
@@ -372,13 +414,17 @@ def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
             raise StepOverflowError(f"{_name(trajectory)}: no supervised token: its "
                                     f"selected steps {dropped} all end past max_length={max_length}")
         raise MaskingError(f"{_name(trajectory)}: no supervised token: no selected step")
+    spans = {k: tok.span(k, granularity) for k in selected}
+    spans = {k: (a, b) for k, (a, b) in spans.items() if b > a}
+    if not spans:
+        raise NothingToSuperviseError(f"{_name(trajectory)}: no supervised token: its selected "
+                                      f"steps have no {granularity} (granularity={granularity})")
 
-    end = max(tok.step_spans[k][1] for k in selected)
+    end = max(b for _, b in spans.values())
     input_ids = tok.input_ids[:end]
     labels = [IGNORE_INDEX] * end
     step_ids = [-1] * end
-    for k in selected:
-        a, b = tok.step_spans[k]
+    for k, (a, b) in spans.items():
         labels[a:b] = input_ids[a:b]
         step_ids[a:b] = [k] * (b - a)
     return Example(trajectory_id=trajectory.id, input_ids=input_ids, labels=labels,

@@ -53,6 +53,17 @@ def parse_action(text: str) -> str | None:
     return None
 
 
+def action_start(text: str) -> int | None:
+    """Where the ``Action:`` that :func:`parse_action` reads begins in ``text`` (None: none)."""
+    pos = len(text)
+    for line in reversed(text.splitlines(keepends=True)):
+        pos -= len(line)
+        matches = list(ACTION.finditer(line))
+        if matches and line[matches[-1].end():].strip():
+            return pos + matches[-1].start()
+    return None
+
+
 @dataclass(frozen=True)
 class Task:
     """One episode's task: which game, which variant, which seed, which split.
