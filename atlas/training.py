@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -155,6 +156,41 @@ def duplicate_of(cfg: DictConfig, sweep_dir: str | None, out: Path) -> str | Non
         return None if first == str(out.resolve()) else first  # a resumed job is itself
 
 
+@dataclass
+class TrainingData:
+    """The first two stages of a training job, as :func:`select_training_data` returns them.
+
+    Attributes:
+        train: The training trajectories as read (after the validation split).
+        val: The validation trajectories.
+        selector: The selector of ``cfg.selector``.
+        granularity: ``selector.granularity``.
+        selections: One per training trajectory.
+        selection: The training trajectories with the selection applied (failed ones left out).
+    """
+
+    train: list
+    val: list
+    selector: Any
+    granularity: str
+    selections: list
+    selection: list
+
+
+def select_training_data(cfg: DictConfig, reuse: str | None = None) -> TrainingData:
+    """Expert trajectories (``data``, in the agent's action format, split like every job) and
+    the selector's choice (``selector``, ``oracle``, ``ratio``; reused from ``reuse``, a saved
+    selection file). train.py and the mask inspector (atlas/inspect.py) start with this."""
+    d = cfg.data
+    trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
+    trajectories = in_action_format(trajectories, cfg.eval)  # action_format=tools: as calls
+    train_t, val_t = split_trajectories(trajectories, d.val_fraction)
+    selector, granularity = build_selector(cfg.selector)
+    selections = select_steps(selector, train_t, reuse)
+    return TrainingData(train_t, val_t, selector, granularity, selections,
+                        apply_selections(train_t, selections))
+
+
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``conf/train.yaml``; returns its summary."""
     t0 = time.time()
@@ -178,22 +214,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                          "would be saved and evaluated from its shards: use deepspeed_stage_2, "
                          "or trainer=fsdp to shard the weights")
 
-    # 1. expert trajectories
-    d = cfg.data
-    trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
-    trajectories = in_action_format(trajectories, cfg.eval)  # action_format=tools: as calls
-    train_t, val_t = split_trajectories(trajectories, d.val_fraction)
-
-    # 2. selection (selector + oracle + ratio; reused from selection_file, oracle answers cached)
-    selector, granularity = build_selector(cfg.selector)
+    # 1. expert trajectories, 2. selection (selector + oracle + ratio; reused from
+    #    selection_file, oracle answers cached)
     selection_file = out / "selection.jsonl"
     reuse = cfg.get("selection_file")
     if rank_zero_only.rank != 0:
         # every rank trains on rank 0's choice and asks the oracle nothing; ranks that torchrun
         # or SLURM started alongside rank 0 wait for it (Lightning's own start after it)
         reuse = str(wait_for_file(selection_file, SELECTION_WAIT_S, "rank 0's selection"))
-    selections = select_steps(selector, train_t, reuse)
-    selection = apply_selections(train_t, selections)
+    data = select_training_data(cfg, reuse)
+    selector, granularity, selections = data.selector, data.granularity, data.selections
+    selection, train_t, val_t, d = data.selection, data.train, data.val, cfg.data
     if rank_zero_only.rank == 0:  # DDP children run this function too
         write_selection(out, train_t, selections)
     # before loading anything more: a selection with too few trajectories left stops here
@@ -233,6 +264,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     safe_config = redact(OmegaConf.to_container(cfg, resolve=True))
     if logger:
         trainer.logger.log_hyperparams({**safe_config, "choices": choices, "selection": stats})
+        if type(trainer.logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
+            from atlas.inspect import log_table  # what this job trains on, as the inspector shows it
+
+            log_table(trainer.logger, selection, {t.id: t.selected_steps for t in train_t},
+                      tokenizer, granularity, d.loader.max_length, d.tools_as_text, seed=cfg.seed)
     summary: dict[str, Any] = {"choices": choices, "selector": selector.name, "ratio": cfg.ratio,
                                "granularity": granularity,
                                "seed": cfg.seed, "selection": stats,

@@ -193,7 +193,7 @@ def test_multirun_gives_one_offline_wandb_run_per_job_and_no_key_leaks(tmp_path,
         for text in (f"train-{sweep.name}", f"selector:{summary['selector']}", f"ratio:{ratio}",
                      "model:tiny_llama", "oracle:heuristic", f"{summary['selector']}-r{ratio}-s0",
                      "heldin_avg", "heldout_avg", "select/cost_usd", "heldin_avg_step_acc",
-                     "eval/steps/held_in/accuracy_low", "eval/steps/maze/nll"):
+                     "eval/steps/held_in/accuracy_low", "eval/steps/maze/nll", "train/masks"):
             assert text.encode() in record, text
         if summary["selector"] == "critical":  # how many steps each criterion chose
             assert summary["criteria"] and b"selection/criteria/" in record
