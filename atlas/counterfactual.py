@@ -371,15 +371,15 @@ class CounterfactualScorer:
                 without meta task/seed/split.
             ReplayMismatchError: a trajectory does not replay in its environment.
         """
-        from tqdm.auto import tqdm
+        from atlas.console import progress
 
         trajectories = list(trajectories)
         for trajectory in trajectories:  # fail before starting a JVM
             self.check(trajectory)
         try:
             return [step_costs(self.env(t.env), t, self.probes, self.seed, self.budget)
-                    for t in tqdm(trajectories, desc="counterfactual", unit="trajectory",
-                                  disable=None)]
+                    for t in progress(iterable=trajectories, desc="counterfactual",
+                                      unit="trajectory")]
         finally:
             self.close()
 

@@ -469,9 +469,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     import wandb
 
     from atlas.model import resolve_device
-    from atlas.utils import redact, single_log_handler, wandb_offline_by_default
+    from atlas.console import tidy
+    from atlas.utils import redact, wandb_offline_by_default
 
-    single_log_handler()
+    tidy()
     wandb_offline_by_default()
     L.seed_everything(cfg.seed, verbose=False)
     checkpoint, server = cfg.get("checkpoint"), backend(cfg.eval) == "server"

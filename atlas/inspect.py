@@ -192,9 +192,10 @@ def run(cfg) -> list[Inspection]:
     """The inspector job (``conf/inspect.yaml``): print, and write ``inspect.html``."""
     from atlas.model import load_tokenizer
     from atlas.training import select_training_data
-    from atlas.utils import atomic_write, single_log_handler
+    from atlas.console import tidy
+    from atlas.utils import atomic_write
 
-    single_log_handler()
+    tidy()
     data = select_training_data(cfg, cfg.get("selection_file"))
     candidates = {t.id: t.selected_steps for t in data.train}
     chosen = choose(data.selection, cfg.inspect.get("ids"), cfg.inspect.n, cfg.inspect.seed)

@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, StrictInt, ValidationError
-from tqdm.auto import tqdm
 
+from atlas.console import progress
 from atlas.data.trajectory import Message, Trajectory
 from atlas.utils import UserError
 
@@ -556,9 +556,9 @@ class Oracle:
                 jobs[key].indices.append(i)
             else:
                 jobs[key] = _Job(key, t, list(c), m, system, user, indices=[i])
-        bar = tqdm(total=len(trajectories), initial=len(trajectories) - sum(
+        bar = progress(total=len(trajectories), initial=len(trajectories) - sum(
             len(j.indices) for j in jobs.values()), desc=f"oracle {self.name}",
-            unit="trajectory", disable=None)
+            unit="trajectory")
 
         def finish(job: _Job, judgement: Judgement) -> None:
             if cache is not None and not judgement.transient:

@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 from transformers import StaticCache, StoppingCriteriaList
 
+from atlas.console import progress
 from atlas.data.trajectory import Message, ToolCall, Trajectory
 from atlas.envs.base import ACTION, Environment, Task, parse_action
 from atlas.utils import ConfigError
@@ -558,7 +558,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
     pending: deque[int] = deque(range(len(tasks)))
     episodes: list[Episode | None] = [None] * len(tasks)
     active: list[Episode] = []
-    bar = tqdm(total=len(tasks), desc="episodes", unit="episode", disable=None)
+    bar = progress(total=len(tasks), desc="episodes", unit="episode")
 
     def finish(ep: Episode, status: str, error: str | None = None) -> None:
         ep.status, ep.error = status, error

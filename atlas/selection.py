@@ -498,7 +498,7 @@ class PerplexitySelector(ScoredSelector):
     def compute(self, trajectories):
         import torch
         import torch.nn.functional as F
-        from tqdm.auto import tqdm
+        from atlas.console import progress
 
         from atlas.data.masking import tokenize_steps
         from atlas.model import load_model, load_tokenizer, resolve_device
@@ -509,7 +509,7 @@ class PerplexitySelector(ScoredSelector):
         device = resolve_device(self.device)
         model.to(device)
         out = []
-        for t in tqdm(trajectories, desc="perplexity", unit="trajectory", disable=None):
+        for t in progress(iterable=trajectories, desc="perplexity", unit="trajectory"):
             tok = tokenize_steps(t.as_text() if self.tools_as_text else t, tokenizer)
             ids = torch.tensor([tok.input_ids[:self.max_length]], device=device)
             with torch.no_grad():

@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterable
 import torch
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
-from tqdm.auto import tqdm
 from transformers import AttentionInterface
 
+from atlas.console import progress
 from atlas.data.formats import read_trajectories, write_trajectories
 from atlas.data.masking import tokenize_steps
 from atlas.data.trajectory import Trajectory
@@ -199,8 +199,7 @@ def score(model, tokenizer, items: list[tuple[Trajectory, str, Callable, dict[in
             chunk, size = [], 0
     if chunk:
         chunks.append(chunk)
-    bar = tqdm(total=sum(len(scored_steps(it[0])) for it in items), desc="steps", unit="step",
-               disable=None)
+    bar = progress(total=sum(len(scored_steps(it[0])) for it in items), desc="steps", unit="step")
     for chunk in chunks:
         work = []
         for t, group, read, criteria in chunk:
@@ -544,8 +543,7 @@ def _score_shared(model, tokenizer, items, slots: int, max_new_tokens: int,
     decoder = SharedPrefixDecoder(model, tokenizer, max_new_tokens, slots, policy.stop, policy.pad,
                                   complete)
     scored: list[_Trajectory] = []
-    bar = tqdm(total=sum(len(scored_steps(it[0])) for it in items), desc="steps", unit="step",
-               disable=None)
+    bar = progress(total=sum(len(scored_steps(it[0])) for it in items), desc="steps", unit="step")
 
     def trajectories():
         for k, (t, group, read, criteria) in enumerate(items):

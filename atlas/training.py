@@ -30,13 +30,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from atlas.console import LineProgress, duration, is_terminal, summary_block, tidy
 from atlas.data.datamodule import load_trajectories, split_trajectories
 from atlas.evaluation import in_action_format
 from atlas.model import load_model, load_tokenizer
 from atlas.selection import (apply_selections, build_selector, select_steps, summarize,
                              write_selection)
-from atlas.utils import (DDP_JOB_ENV, atomic_write, redact, single_log_handler,
-                         wandb_offline_by_default)
+from atlas.utils import DDP_JOB_ENV, atomic_write, redact, wandb_offline_by_default
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class TrainingData:
     """The first two stages of a training job, as :func:`select_training_data` returns them.
 
     Attributes:
+        trajectories: All the trajectories read (training and validation).
         train: The training trajectories as read (after the validation split).
         val: The validation trajectories.
         selector: The selector of ``cfg.selector``.
@@ -169,6 +170,7 @@ class TrainingData:
         selection: The training trajectories with the selection applied (failed ones left out).
     """
 
+    trajectories: list
     train: list
     val: list
     selector: Any
@@ -187,14 +189,14 @@ def select_training_data(cfg: DictConfig, reuse: str | None = None) -> TrainingD
     train_t, val_t = split_trajectories(trajectories, d.val_fraction)
     selector, granularity = build_selector(cfg.selector)
     selections = select_steps(selector, train_t, reuse)
-    return TrainingData(train_t, val_t, selector, granularity, selections,
+    return TrainingData(trajectories, train_t, val_t, selector, granularity, selections,
                         apply_selections(train_t, selections))
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training job described by ``conf/train.yaml``; returns its summary."""
     t0 = time.time()
-    single_log_handler()
+    tidy()
     launch_env = {k: os.environ.get(k) for k in DDP_LAUNCH_ENV}
     wandb_mode = wandb_offline_by_default()
     out = Path(cfg.paths.output_dir)
@@ -225,6 +227,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     data = select_training_data(cfg, reuse)
     selector, granularity, selections = data.selector, data.granularity, data.selections
     selection, train_t, val_t, d = data.selection, data.train, data.val, cfg.data
+    trajectories = data.trajectories
     if rank_zero_only.rank == 0:  # DDP children run this function too
         write_selection(out, train_t, selections)
     # before loading anything more: a selection with too few trajectories left stops here
@@ -258,8 +261,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                             if wandb else {}))
     if rank_zero_only.rank == 0:  # read by DDP children as they start (atlas.utils.ddp_child_argv)
         os.environ[DDP_JOB_ENV] = json.dumps({**overrides, "output_dir": str(out.resolve())})
-    trainer = instantiate(cfg.trainer, logger=logger,
-                          callbacks=_callbacks(cfg.get("callbacks"), has_logger=bool(logger)))
+    callbacks = _callbacks(cfg.get("callbacks"), has_logger=bool(logger))
+    bar = {}
+    if not is_terminal():  # a log file: lines every 30 s instead of a bar that prints at the end
+        callbacks.append(LineProgress())
+        bar = {"enable_progress_bar": False}
+    trainer = instantiate(cfg.trainer, logger=logger, callbacks=callbacks, **bar)
     module.check_trainer(trainer)  # e.g. optimizer_in_backward with gradient accumulation
     safe_config = redact(OmegaConf.to_container(cfg, resolve=True))
     if logger:
@@ -347,17 +354,21 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if "val_loss_before_training" in summary and "val/loss" in summary["metrics"]:
             log.info("val/loss (every step of %d held-out trajectories): %.4f -> %.4f",
                      len(val_t), summary["val_loss_before_training"], summary["metrics"]["val/loss"])
-        log.info("model saved to %s", model_dir.resolve())
-        if "wandb" in summary:
-            log.info("W&B run (%s) in %s%s", wandb_mode, summary["wandb"]["dir"],
-                     "; upload it with `wandb sync " + summary["wandb"]["dir"] + "`"
-                     if wandb_mode == "offline" else "")
-        log.info("summary in %s (%.0f s)", (out / "train_summary.json").resolve(),
-                 summary["wall_time_s"])
         if cfg.get("eval_after_training") and "baseline" in results:
             from atlas.evaluation import format_comparison
 
             log.info("base model vs trained model\n%s", format_comparison(results))
+        w = summary.get("wandb")
+        log.info("\n%s", summary_block(
+            f"train.py done in {duration(summary['wall_time_s'])}: selector={selector.name}"
+            f"{'' if selector.name == 'full' else f' ratio={cfg.ratio:g}'} seed={cfg.seed}", {
+                "run": out.resolve(), "model": model_dir.resolve(),
+                "selection": selection_file.resolve(),
+                "eval": (summary.get("eval") or {}).get("results_file"),
+                "W&B": w and (f"{w['dir']} (offline: `wandb sync {w['dir']}` uploads it)"
+                              if wandb_mode == "offline" else f"{w['dir']} ({wandb_mode})"),
+                "log": next((str(p.resolve()) for p in out.glob("*.log")), None),
+                "summary": (out / "train_summary.json").resolve()}))
     finally:
         _end_distributed(launch_env)
         # Without this, the next job of a multirun logs into this job's W&B run.

@@ -136,16 +136,6 @@ def wandb_offline_by_default() -> str:
     return os.environ["WANDB_MODE"]
 
 
-def single_log_handler() -> None:
-    """Lightning adds its own console handler when imported before logging is configured;
-    under Hydra that prints every line twice."""
-    if not logging.getLogger().handlers:
-        return
-    for name in ("lightning.pytorch", "lightning.fabric"):
-        lg = logging.getLogger(name)
-        lg.handlers = [h for h in lg.handlers if not isinstance(h, logging.StreamHandler)]
-
-
 DDP_JOB_ENV = "ATLAS_DDP_JOB"
 
 

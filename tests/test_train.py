@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -454,3 +455,24 @@ def test_ranks_above_zero_wait_for_rank_zeros_selection(tmp_path):
     assert wait_for_file(target, timeout_s=10, what="rank 0's selection", poll_s=0.05) == target
     with pytest.raises(TimeoutError, match="did rank 0 fail"):
         wait_for_file(tmp_path / "never.jsonl", timeout_s=0.2, what="rank 0's selection", poll_s=0.05)
+
+
+def test_a_redirected_run_prints_a_readable_log(tmp_path):
+    """Output to a file (not a terminal): each message once, no library noise, progress lines
+    for training, step evaluation and episodes, and a closing block that says where things are."""
+    proc = _run_cli(["model=tiny_llama", "eval=smoke", "data.limit=6", "trainer.max_steps=2",
+                     "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                    env_extra={"ATLAS_PROGRESS_INTERVAL": "0"})
+    out = proc.stdout + proc.stderr
+    messages = [line.split("] - ", 1)[1] for line in out.splitlines() if "] - " in line]
+    assert messages.count("GPU available: False, used: False") == 1  # Lightning's lines once
+    for noise in ("Tip", "litlogger", "anonymous", "Warning", "deprecated", "Loading weights",
+                  "it/s]", "INFO: "):
+        assert noise not in out, noise
+    assert any(m.startswith("epoch 0, step ") and "tokens/s" in m for m in messages)
+    assert any(m.startswith("steps: ") for m in messages)
+    assert any(m.startswith("episodes: ") for m in messages)
+    block = out[out.index("train.py done in"):]
+    for row in ("run", "model", "selection", "eval", "W&B", "log", "summary"):
+        assert re.search(rf"^  {row} +\S", block, re.M), row
+    assert "wandb sync" in block

@@ -23,8 +23,8 @@ from typing import Iterator
 import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
+from atlas.console import progress
 from atlas.data.formats import write_trajectories
 from atlas.data.trajectory import Message, Trajectory
 from atlas.envs.base import Environment, Feedback, Task
@@ -97,8 +97,8 @@ def generate(env: Environment, n: int, split: str = "train", offset: int = 0,
     if not 0.0 <= mistake_fraction <= 1.0:
         raise ValueError(f"mistake_fraction must be in [0, 1], got {mistake_fraction}")
     kept, failed = [], 0
-    for task in tqdm(env.tasks(split, n, offset), desc=f"expert {env.name}", unit="episode",
-                     disable=None):
+    for task in progress(iterable=env.tasks(split, n, offset), desc=f"expert {env.name}",
+                         unit="episode"):
         rng = random.Random(f"{seed}:{task.id}")
         mistake_at = rng.randint(*mistake_steps) if rng.random() < mistake_fraction else None
         trajectory = expert_episode(env, task, mistake_at, rng)
