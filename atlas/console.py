@@ -33,7 +33,6 @@ LIBRARY_WARNINGS = (
     r".*isinstance\(treespec, LeafSpec\)",                # lightning -> torch
     r".*`gradient_checkpointing` is deprecated",          # transformers' own rename
     r".*does not have many workers which may be a bottleneck",  # num_workers=0 is the default
-    r".*The number of training batches .* is smaller than the logging interval",
 )
 
 
@@ -60,12 +59,10 @@ def tidy() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # "Loading weights", "Writing shards"
-    try:
+    if not is_terminal():  # a download's bar is worth it on a terminal; in a file it is noise
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
-    except ImportError:  # pragma: no cover - transformers depends on it
-        pass
 
 
 def is_terminal() -> bool:
@@ -162,9 +159,8 @@ class LineProgress(L.Callback):
         self.tokens, self.step0, self.reported = 0, trainer.global_step, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if isinstance(batch, dict):  # fed tokens: the mask's, else every position
-            mask = batch.get("attention_mask")
-            self.tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+        if isinstance(batch, dict):  # fed positions, over every rank (no device sync)
+            self.tokens += batch["input_ids"].numel() * trainer.world_size
         if time.monotonic() - self.last >= self.interval:
             self._report(trainer)
 
@@ -174,6 +170,8 @@ class LineProgress(L.Callback):
 
     def _report(self, trainer) -> None:
         self.last, self.reported = time.monotonic(), trainer.global_step
+        if not trainer.is_global_zero:  # one line per step, not one per rank
+            return
         elapsed = max(self.last - self.t0, 1e-9)
         done = trainer.global_step - self.step0
         total = trainer.estimated_stepping_batches

@@ -75,7 +75,8 @@ class Inspection:
 
 def inspect_trajectory(trajectory: Trajectory, tokenizer, candidates: list[int],
                        granularity: str = "step", max_length: int | None = None,
-                       tokens: bool = False, tools_as_text: bool = False) -> Inspection:
+                       tokens: bool = False, tools_as_text: bool = False,
+                       overflow: str = "drop_steps") -> Inspection:
     """The rendering of one trajectory with its supervised tokens marked.
 
     Args:
@@ -86,12 +87,13 @@ def inspect_trajectory(trajectory: Trajectory, tokenizer, candidates: list[int],
         max_length: ``data.loader.max_length``.
         tokens: Alternate the shade at every token.
         tools_as_text: ``data.tools_as_text``.
+        overflow: ``data.loader.overflow``.
     """
     shown = trajectory.as_text() if tools_as_text else trajectory
     tok = tokenize_steps(shown, tokenizer)
     error = None
     try:
-        example = encode(shown, tokenizer, max_length, granularity=granularity)
+        example = encode(shown, tokenizer, max_length, overflow, granularity=granularity)
         labels, dropped = example.labels, example.dropped_steps
     except MaskingError as e:  # shown, not raised: the page says why nothing is supervised
         labels, dropped, error = [], [], str(e)
@@ -106,7 +108,9 @@ def inspect_trajectory(trajectory: Trajectory, tokenizer, candidates: list[int],
             k = starts[j]
             if text and not str(text).endswith("\n"):
                 text.append("\n")
-            text.append(_label(steps[k], k, tok.step_spans[k]), style=LABEL)
+            a, b = tok.step_spans[k]
+            supervised = sum(label != IGNORE_INDEX for label in labels[a:b])
+            text.append(_label(steps[k], k, b - a, supervised), style=LABEL)
         piece = tok.text[pos:b]
         pos = max(pos, b)
         shade = j % 2 if tokens else 0
@@ -125,12 +129,12 @@ def inspect_trajectory(trajectory: Trajectory, tokenizer, candidates: list[int],
     return Inspection(trajectory, text, stats)
 
 
-def _label(step, k: int, span: tuple[int, int]) -> str:
+def _label(step, k: int, tokens: int, supervised: int) -> str:
     m = step.message
     parts = [f"step {k}", "selected" if m.selected else "not selected"]
     if m.criterion:
         parts.append(m.criterion)
-    parts.append(f"{span[1] - span[0]} tokens")
+    parts.append(f"{tokens} tokens" + (f", {supervised} supervised" if supervised else ""))
     label = "[" + " | ".join(parts) + "]"
     if m.reason:
         reason = " ".join(m.reason.split())
@@ -142,7 +146,7 @@ def show(console: Console, inspections: list[Inspection]) -> None:
     """Print the inspections, each under its header."""
     for ins in inspections:
         console.rule(style="bold")
-        console.print(ins.header(), style="bold", highlight=False)
+        console.print(ins.header(), style="bold", highlight=False, markup=False)
         console.print(ins.text, soft_wrap=False, overflow="fold")
         console.print()
 
@@ -168,7 +172,7 @@ def log_table(logger, selection: list[Trajectory], candidates: dict[str, list[in
                                  tools_as_text=tools_as_text)
         s = ins.stats
         rows.append([t.id, t.env, s["selected"], s["candidates"], s["supervised_tokens"],
-                     s["fed_tokens"], granularity, wandb.Html(html([ins]))])
+                     s["fed_tokens"], granularity, wandb.Html(html([ins]), inject=False)])
     logger.log_table("train/masks", columns=["trajectory", "env", "selected", "candidates",
                                              "supervised_tokens", "fed_tokens", "granularity",
                                              "masks"], data=rows)
@@ -190,9 +194,9 @@ def choose(selection: list[Trajectory], ids: list[str] | None, n: int, seed: int
 
 def run(cfg) -> list[Inspection]:
     """The inspector job (``conf/inspect.yaml``): print, and write ``inspect.html``."""
+    from atlas.console import tidy
     from atlas.model import load_tokenizer
     from atlas.training import select_training_data
-    from atlas.console import tidy
     from atlas.utils import atomic_write
 
     tidy()
@@ -202,7 +206,8 @@ def run(cfg) -> list[Inspection]:
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     inspections = [inspect_trajectory(t, tokenizer, candidates[t.id], data.granularity,
                                       cfg.data.loader.max_length, cfg.inspect.tokens,
-                                      cfg.data.tools_as_text) for t in chosen]
+                                      cfg.data.tools_as_text, cfg.data.loader.overflow)
+                   for t in chosen]
     show(Console(width=cfg.inspect.width, highlight=False), inspections)
     if cfg.inspect.get("html"):
         path = Path(cfg.inspect.html)

@@ -193,7 +193,7 @@ def build_selector(cfg) -> tuple["Selector", str]:
     step is supervised (``step``, ``action``, ``thought``; atlas/data/masking.py), a setting of
     the masks rather than of the choice, so it is not passed to the selector."""
     from hydra.utils import instantiate
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf
 
     from atlas.data.masking import GRANULARITIES
 
@@ -201,13 +201,10 @@ def build_selector(cfg) -> tuple["Selector", str]:
     if granularity not in GRANULARITIES:
         raise ConfigError(f"selector.granularity must be one of {', '.join(GRANULARITIES)}, "
                           f"got {granularity!r}")
-    with open_dict(cfg):
-        cfg.pop("granularity", None)
-        try:
-            selector = instantiate(cfg)
-        finally:
-            cfg.granularity = granularity
-    return selector, granularity
+    # resolved (``${oracle}``, ``${ratio}``), without the key, the config left as it is
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved.pop("granularity", None)
+    return instantiate(OmegaConf.create(resolved)), granularity
 
 
 class Selector:

@@ -52,6 +52,17 @@ def _choices() -> dict[str, str]:
         return {}
 
 
+def _log_file(out: Path) -> str | None:
+    """The job's log file (Hydra's ``<job name>.log`` in the run directory), if any."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        path = out / f"{HydraConfig.get().job.name}.log"
+    except ValueError:  # not run by Hydra
+        return None
+    return str(path.resolve()) if path.is_file() else None
+
+
 def _hydra_job() -> tuple[dict[str, list[str]], str | None]:
     """This job's overrides (``task`` and ``hydra``) and, in a sweep, the sweep's directory."""
     from hydra.core.hydra_config import HydraConfig
@@ -274,8 +285,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if type(trainer.logger).__name__ == "WandbLogger" and rank_zero_only.rank == 0:
             from atlas.inspect import log_table  # what this job trains on, as the inspector shows it
 
-            log_table(trainer.logger, selection, {t.id: t.selected_steps for t in train_t},
-                      tokenizer, granularity, d.loader.max_length, d.tools_as_text, seed=cfg.seed)
+            try:
+                log_table(trainer.logger, selection, {t.id: t.selected_steps for t in train_t},
+                          tokenizer, granularity, d.loader.max_length, d.tools_as_text,
+                          seed=cfg.seed)
+            except Exception as e:  # noqa: BLE001 - a diagnostic never stops a run
+                log.warning("the train/masks table was not logged: %s: %s", type(e).__name__, e)
     summary: dict[str, Any] = {"choices": choices, "selector": selector.name, "ratio": cfg.ratio,
                                "granularity": granularity,
                                "seed": cfg.seed, "selection": stats,
@@ -367,7 +382,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "eval": (summary.get("eval") or {}).get("results_file"),
                 "W&B": w and (f"{w['dir']} (offline: `wandb sync {w['dir']}` uploads it)"
                               if wandb_mode == "offline" else f"{w['dir']} ({wandb_mode})"),
-                "log": next((str(p.resolve()) for p in out.glob("*.log")), None),
+                "log": _log_file(out),
                 "summary": (out / "train_summary.json").resolve()}))
     finally:
         _end_distributed(launch_env)

@@ -31,7 +31,7 @@ def _marked(ins, styles) -> str:
     return "".join(text[s.start:s.end] for s in ins.text.spans if str(s.style) in styles)
 
 
-@pytest.mark.parametrize("granularity", ["step", "action"])
+@pytest.mark.parametrize("granularity", ["step", "action", "thought"])
 def test_the_inspector_marks_exactly_the_supervised_tokens(tmp_path, tokenizer, granularity):
     inspections = run(_compose(tmp_path, "selector=critical", "ratio=0.3",
                                f"selector.granularity={granularity}", "inspect.tokens=true"))
@@ -46,7 +46,7 @@ def test_the_inspector_marks_exactly_the_supervised_tokens(tmp_path, tokenizer, 
         assert s["tail_tokens"] > 0 and _marked(ins, {TAIL})  # after the last supervised token
         # a label before every step: index, selected or not, criterion, token count
         labels = re.findall(r"\[step (\d+) \| (selected|not selected)(?: \| ([A-Za-z ]+))? \| "
-                            r"(\d+) tokens\]", str(ins.text))
+                            r"(\d+) tokens(?:, \d+ supervised)?\]", str(ins.text))
         assert [int(k) for k, *_ in labels] == list(range(t.num_steps))
         assert [k for k, sel, *_ in labels if sel == "selected"] == [
             str(k) for k in t.selected_steps]

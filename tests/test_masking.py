@@ -329,6 +329,16 @@ def test_granularity_is_checked_and_a_thoughtless_selection_is_left_out(tokenize
     dm.setup("fit")
     assert [e.trajectory_id for e in dm.train_examples] == ["t"]
     assert "1 trajectories have no selected step with a thought" in caplog.text
+    # AgentGym's "Action:" on a line of its own, and a call written into the text
+    # (data.tools_as_text) are actions too
+    g = Trajectory("g", "e", [Message("user", "go"), Message("assistant",
+                                                               "Thought:\nI buy.\n\nAction:\nclick[Buy]"),
+                              Message("user", "ok"), Message("assistant",
+                                                             'I look.\n<tool_call>{"name": "look"}</tool_call>')])
+    assert supervised_runs(encode(g, tokenizer, granularity="action"), tokenizer) == [
+        "Action:\nclick[Buy]<|im_end|>", '<tool_call>{"name": "look"}</tool_call><|im_end|>']
+    assert supervised_runs(encode(g, tokenizer, granularity="thought"), tokenizer) == [
+        "Thought:\nI buy.\n\n", "I look.\n"]
     # a step without an action: whole under action, without its end of turn under thought
     u = Trajectory("u", "e", [Message("user", "go"), Message("assistant", "I am not sure yet.")])
     assert supervised_runs(encode(u, tokenizer, granularity="action"), tokenizer) == [

@@ -3,10 +3,9 @@
 import json
 
 import pytest
-from hydra.utils import instantiate
 
 from atlas.data import read_trajectories
-from atlas.selection import FullSelector, RandomSelector, num_selected
+from atlas.selection import FullSelector, RandomSelector, build_selector, num_selected
 from conftest import compose_train
 
 
@@ -28,10 +27,10 @@ def test_bad_ratio_is_refused_up_front(ratio):
 def test_selectors_from_config_keep_the_same_k(shared_data, tmp_path, ratio):
     trajs = read_trajectories(shared_data / "fireact/multitask.jsonl")
     cfg = compose_train(tmp_path, "selector=random", f"ratio={ratio}", "seed=3")
-    random_sel = instantiate(cfg.selector).select(trajs)
+    random_sel = build_selector(cfg.selector)[0].select(trajs)
     for t, s in zip(trajs, random_sel):
         assert len(s.selected_steps) == num_selected(ratio, t.num_steps)
-    full = instantiate(compose_train(tmp_path, "selector=full").selector).select(trajs)
+    full = build_selector(compose_train(tmp_path, "selector=full").selector)[0].select(trajs)
     assert all(s.selected_steps == list(range(t.num_steps)) for t, s in zip(trajs, full))
 
 
@@ -75,7 +74,7 @@ def mixed():
 
 
 def _selector(tmp_path, name, *overrides):
-    return instantiate(compose_train(tmp_path, f"selector={name}", *overrides).selector)
+    return build_selector(compose_train(tmp_path, f"selector={name}", *overrides).selector)[0]
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.3, 0.5])

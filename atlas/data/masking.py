@@ -34,8 +34,8 @@ Labels are the input ids on the selected steps' tokens and -100 elsewhere. Every
 last supervised token is dropped: a causal LM's loss on earlier tokens cannot depend on it.
 
 Granularity (``selector.granularity``) supervises part of each selected step: ``step`` the whole
-turn, ``action`` only its action and the end of turn (from the ``Action:`` that the rollout loop
-reads, or the tool call as the template writes it), ``thought`` only what comes before the
+turn, ``action`` only its action and the end of turn (from the last ``Action:`` followed by text,
+or the tool call as the template, or ``tools_as_text``, writes it), ``thought`` only what comes before the
 action (no end of turn). A token that spans the boundary goes with the action. A step without
 an action is supervised whole under ``action`` and without its end of turn under ``thought``.
 """
@@ -286,7 +286,8 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
                                               tokenizer))
             region = text[pos:char_spans[-1][1]]  # the step's text (if kept), then its calls
             kept = step.message.content.strip()
-            at = region.find(kept) + len(kept) if kept and kept in region else 0
+            lead = len(region) - len(region.lstrip())
+            at = lead + len(kept) if kept and region[lead:].startswith(kept) else 0
             action_chars.append(pos + at + len(region[at:]) - len(region[at:].lstrip()))
             pos = char_spans[-1][1]
             continue
@@ -348,7 +349,7 @@ def _tool_step_span(text: str, pos: int, after: str, last: bool, step, name: str
         raise MaskingError(f"{name}: step {step.index} (message {step.message_index}): the chat "
                            f"template does not write its tool calls ({', '.join(missing) or 'all'}) "
                            f"inside the turn, so their tokens cannot be located")
-    text_kept = step.message.content.strip() in region
+    text_kept = region.lstrip().startswith(step.message.content.strip())
     key = str(getattr(tokenizer, "name_or_path", ""))
     if not text_kept and key not in _warned_dropped_text:
         _warned_dropped_text.add(key)
@@ -428,5 +429,5 @@ def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
         labels[a:b] = input_ids[a:b]
         step_ids[a:b] = [k] * (b - a)
     return Example(trajectory_id=trajectory.id, input_ids=input_ids, labels=labels,
-                   step_ids=step_ids, num_steps=trajectory.num_steps, selected_steps=selected,
+                   step_ids=step_ids, num_steps=trajectory.num_steps, selected_steps=list(spans),
                    dropped_steps=dropped)

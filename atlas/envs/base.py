@@ -54,13 +54,16 @@ def parse_action(text: str) -> str | None:
 
 
 def action_start(text: str) -> int | None:
-    """Where the ``Action:`` that :func:`parse_action` reads begins in ``text`` (None: none)."""
-    pos = len(text)
-    for line in reversed(text.splitlines(keepends=True)):
-        pos -= len(line)
-        matches = list(ACTION.finditer(line))
-        if matches and line[matches[-1].end():].strip():
-            return pos + matches[-1].start()
+    """Where the action of an agent turn begins in ``text`` (None: it has none): the last
+    ``Action:`` followed by any text, on its line (as :func:`parse_action` reads it) or on the
+    next ones (AgentGym's "Action:\\n<action>"); or a tool call written into the text
+    (``<tool_call>``, :meth:`Trajectory.as_text`)."""
+    call = text.find("<tool_call>")
+    if call >= 0:
+        return call
+    for m in reversed(list(ACTION.finditer(text))):
+        if text[m.end():].strip():
+            return m.start()
     return None
 
 
