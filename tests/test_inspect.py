@@ -105,3 +105,19 @@ def test_the_html_page_shows_the_supervised_spans_in_a_headless_browser(tmp_path
 
     pixels = Image.open(png).convert("RGB").getdata()
     assert sum(1 for p in pixels if p == (0, 215, 0)) > 1000  # green3 highlight on screen
+
+
+@pytest.mark.parametrize("family", ["qwen2_5", "llama3_1"])
+def test_the_inspector_on_tool_calls(family):
+    """Tool-calling trajectories under their templates (Qwen2.5's <tool_call> blocks, Llama-3.1's
+    JSON): the marked text is what the masks supervise, calls included, at each granularity."""
+    from atlas.inspect import inspect_trajectory
+    from test_tool_calls import generated, tool_tokenizer
+
+    tok = tool_tokenizer(family)
+    for t in generated(6, parallel=False, seed=3):
+        for granularity in ("step", "action"):
+            ins = inspect_trajectory(t, tok, t.selected_steps, granularity)
+            ex = encode(t, tok, granularity=granularity)
+            assert _marked(ins, SUPERVISED) == "".join(supervised_runs(ex, tok)), (t.id, granularity)
+            assert ins.stats["supervised_tokens"] == ex.num_supervised_tokens
