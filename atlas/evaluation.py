@@ -216,13 +216,13 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None
-    if eval_cfg.get("steps") and eval_cfg.steps.tasks and not any(
-            get_class(c._target_).has_expert for _, c in envs.values()):
-        log.warning("eval.steps: no environment of the suite has an expert to write test "
-                    "trajectories: rollouts only")
-    elif eval_cfg.get("steps") and eval_cfg.steps.tasks:
-        step_records = _step_evaluation(model, tokenizer, eval_cfg, envs, out, results,
-                                        base_model, training, is_base)
+    if eval_cfg.get("steps") and eval_cfg.steps.tasks:
+        if any(get_class(c._target_).has_expert for _, c in envs.values()):
+            step_records = _step_evaluation(model, tokenizer, eval_cfg, envs, out, results,
+                                            base_model, training, is_base)
+        else:
+            log.warning("eval.steps: no environment of the suite has an expert to write test "
+                        "trajectories: rollouts only")
     episodes: list[Episode] = []
     if eval_cfg.episodes:
         if step_records is not None:  # kept should the rollouts fail

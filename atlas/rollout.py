@@ -158,7 +158,8 @@ class ActionFormat:
         text = re.sub(r"<tool_call>\s*$", "", response[:call[2]]).strip()
         return Message("assistant", text, tool_calls=[ToolCall(call[0], call[1], id=f"call_{k}")]), action
 
-    def observation(self, text: str, step: Message, prefix: str = "Observation: ") -> Message:
+    def observation(self, text: str, step: Message,
+                    prefix: str = Environment.observation_prefix) -> Message:
         """The environment's answer to ``step``: the call's result, or a user turn (``prefix``:
         :attr:`Environment.observation_prefix`)."""
         if step.tool_calls:
@@ -522,10 +523,8 @@ def _step_all(moves: list[tuple[Environment, str]]) -> list[tuple[Any, float]]:
             return e, time.time() - t0
 
     remote = [i for i, (env, _) in enumerate(moves) if env.remote]
-    out = [step(*m) if not m[0].remote else None for m in moves]
-    if len(remote) == 1:
-        out[remote[0]] = step(*moves[remote[0]])
-    elif remote:
+    out = [None if env.remote else step(env, action) for env, action in moves]
+    if remote:
         with ThreadPoolExecutor(max_workers=min(len(remote), 32)) as threads:
             for i, result in zip(remote, threads.map(lambda i: step(*moves[i]), remote)):
                 out[i] = result

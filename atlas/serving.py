@@ -289,12 +289,36 @@ class ServerPolicy:
 
 # --- the reference server -------------------------------------------------------------------
 
-class _QuietServer(ThreadingHTTPServer):
+class QuietHTTPServer(ThreadingHTTPServer):
+    """A threaded HTTP server whose threads die with the process and that takes a client that
+    hung up for no error."""
+
     daemon_threads = True
 
     def handle_error(self, request, client_address) -> None:
         if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
             super().handle_error(request, client_address)  # a client that hung up is no error
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A quiet keep-alive handler of JSON requests and answers (the reference server here, the
+    tests' loopback environment servers)."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def read_json(self) -> Any:
+        return json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+
+    def send_json(self, status: int, obj: Any) -> None:
+        data = json.dumps(obj).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
 
 
 class ReferenceServer:
@@ -313,12 +337,7 @@ class ReferenceServer:
         self.requests = 0
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(JSONHandler):
             def do_GET(self) -> None:
                 if self.path.rstrip("/") in ("/v1/models", "/models"):
                     self.send_json(200, {"object": "list", "data": [
@@ -329,7 +348,7 @@ class ReferenceServer:
                     self.send_json(404, {"error": {"message": f"no route {self.path}"}})
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                body = self.read_json()
                 if self.path.rstrip("/") not in ("/v1/completions", "/completions"):
                     return self.send_json(404, {"error": {"message": f"no route {self.path}"}})
                 server.requests += 1
@@ -338,15 +357,7 @@ class ReferenceServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client closed its stream: generation stops
 
-            def send_json(self, status: int, obj: Any) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = _QuietServer((host, port), Handler)
+        self.httpd = QuietHTTPServer((host, port), Handler)
         self.url = f"http://{host}:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

@@ -114,7 +114,7 @@ def _end_distributed(launch_env: dict[str, str | None]) -> None:
             os.environ[key] = value
 
 
-def _wandb_run(cfg: DictConfig, choices: dict[str, str], selector_name: str,
+def _wandb_run(cfg: DictConfig, choices: dict[str, str], selector_name: str, granularity: str,
                sweep_dir: str | None) -> dict[str, Any]:
     """W&B run settings that make a sweep comparable on a dashboard: the sweep as the group,
     the compared factors as tags and in the run name."""
@@ -122,7 +122,6 @@ def _wandb_run(cfg: DictConfig, choices: dict[str, str], selector_name: str,
     ratio = "all" if selector_name == "full" else f"{cfg.ratio:g}"
     tags = [f"selector:{selector_name}", f"ratio:{ratio}", f"seed:{cfg.seed}"]
     tags += [f"{g}:{choices[g]}" for g in ("model", "oracle", "data") if g in choices]
-    granularity = cfg.selector.get("granularity", "step")
     tags.append(f"granularity:{granularity}")
     part = "" if granularity == "step" else f"-{granularity}"
     return {"group": lc.get("group") or (f"{cfg.task_name}-{Path(sweep_dir).name}" if sweep_dir
@@ -268,8 +267,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     logger = False
     if cfg.get("logger"):
         wandb = cfg.logger.get("_target_", "").endswith("WandbLogger")
-        logger = instantiate(cfg.logger, **(_wandb_run(cfg, choices, selector.name, sweep_dir)
-                                            if wandb else {}))
+        settings = _wandb_run(cfg, choices, selector.name, granularity, sweep_dir) if wandb else {}
+        logger = instantiate(cfg.logger, **settings)
     if rank_zero_only.rank == 0:  # read by DDP children as they start (atlas.utils.ddp_child_argv)
         os.environ[DDP_JOB_ENV] = json.dumps({**overrides, "output_dir": str(out.resolve())})
     callbacks = _callbacks(cfg.get("callbacks"), has_logger=bool(logger))

@@ -27,14 +27,13 @@ the requests being answered, ``max_in_flight`` the most at a time.
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 from collections import defaultdict, deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
 
 from atlas.envs.base import Environment
+from atlas.serving import JSONHandler, QuietHTTPServer
 
 
 class EnvServer:
@@ -53,12 +52,7 @@ class EnvServer:
         self.gathering: dict[str, int] = {}
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
+        class Handler(JSONHandler):
             def setup(self) -> None:
                 super().setup()
                 with server.lock:
@@ -82,7 +76,7 @@ class EnvServer:
                 self.send_json(200, "ok")
 
             def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
+                body = self.read_json()
                 path = self.path.strip("/")
                 with server.lock:
                     server.in_flight += 1
@@ -112,16 +106,7 @@ class EnvServer:
                     with server.lock:
                         server.in_flight -= 1
 
-            def send_json(self, status: int, obj: Any) -> None:
-                data = json.dumps(obj).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = QuietHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

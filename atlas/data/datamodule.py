@@ -17,8 +17,8 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from atlas.data.formats import read_trajectories
-from atlas.data.masking import (GRANULARITIES, IGNORE_INDEX, Example, MaskingError,
-                                 NothingToSuperviseError, StepOverflowError, encode)
+from atlas.data.masking import (IGNORE_INDEX, Example, MaskingError, NothingToSuperviseError,
+                                 StepOverflowError, encode)
 from atlas.data.trajectory import Trajectory
 from atlas.utils import ConfigError
 
@@ -184,9 +184,7 @@ class TrajectoryDataModule(L.LightningDataModule):
                  special_tokens_in_text: str = "warn", tools_as_text: bool = False,
                  granularity: str = "step"):
         super().__init__()
-        if granularity not in GRANULARITIES:
-            raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        self.granularity = granularity
+        self.granularity = granularity  # checked by encode()
         self.tools_as_text = tools_as_text
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
