@@ -40,7 +40,7 @@ from atlas.data.trajectory import Trajectory
 from atlas.envs.base import SPLITS
 from atlas.rollout import ActionFormat, EnvPool, Episode, Policy, run_episodes
 from atlas.stats import Ratio, wilson
-from atlas.utils import ConfigError, atomic_write
+from atlas.utils import ConfigError, atomic_write, per_environment
 
 log = logging.getLogger(__name__)
 
@@ -209,10 +209,10 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     for key in ("batch_size", "instances"):
         if eval_cfg[key] < 1:
             raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
-    if eval_cfg.episodes < 0:
-        raise ValueError(f"eval.episodes must be >= 0 (0: no rollouts), got {eval_cfg.episodes}")
     backend(eval_cfg)
     envs = environments(eval_cfg)
+    episodes_per_env = {name: per_environment(eval_cfg.episodes or 0, name, group, "eval.episodes")
+                        for name, (group, _) in envs.items()}
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None
@@ -224,11 +224,13 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
             log.warning("eval.steps: no environment of the suite has an expert to write test "
                         "trajectories: rollouts only")
     episodes: list[Episode] = []
-    if eval_cfg.episodes:
+    if any(episodes_per_env.values()):
         if step_records is not None:  # kept should the rollouts fail
             atomic_write(out / "results.json", json.dumps(results, indent=2))
-        episodes = _rollouts(model, tokenizer, eval_cfg, envs, out, served)
-        results.update(summarize(episodes, groups))
+        episodes = _rollouts(model, tokenizer, eval_cfg,
+                             {n: e for n, e in envs.items() if episodes_per_env[n]}, out, served,
+                             episodes_per_env)
+        results.update(summarize(episodes, {n: g for n, g in groups.items() if episodes_per_env[n]}))
         results["episodes_file"] = str((out / "episodes.jsonl").resolve())
     results.update({"split": eval_cfg.split,
                     "config": OmegaConf.to_container(eval_cfg, resolve=True)})
@@ -409,14 +411,15 @@ def _policy(model, tokenizer, eval_cfg: DictConfig, actions: ActionFormat, out: 
 
 
 def _rollouts(model, tokenizer, eval_cfg: DictConfig, envs, out: Path,
-              served: dict[str, str] | None = None) -> list[Episode]:
-    """Play ``eval.episodes`` test tasks per environment; ``episodes.jsonl`` grows as they end."""
+              served: dict[str, str] | None, episodes: dict[str, int]) -> list[Episode]:
+    """Play ``episodes[name]`` test tasks of each environment of ``envs``; ``episodes.jsonl``
+    grows as they end."""
     pool = EnvPool({name: (lambda c=c: instantiate(c)) for name, (_, c) in envs.items()},
                    instances=eval_cfg.instances)
     episodes_file = out / "episodes.jsonl"
     episodes_file.unlink(missing_ok=True)
     try:
-        tasks = pool.tasks(eval_cfg.split, eval_cfg.episodes)
+        tasks = pool.tasks(eval_cfg.split, episodes)
         actions = action_format(eval_cfg)
         with _policy(model, tokenizer, eval_cfg, actions, out, served) as policy, \
                 episodes_file.open("a", encoding="utf-8") as f:

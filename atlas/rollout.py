@@ -484,12 +484,13 @@ class EnvPool:
         self.busy[name] += 1
         return self.idle[name].pop()
 
-    def tasks(self, split: str, n: int) -> list[Task]:
-        """``n`` tasks of ``split`` per environment; the instance that lists them stays pooled."""
+    def tasks(self, split: str, n: int | dict[str, int]) -> list[Task]:
+        """``n`` tasks of ``split`` per environment (or ``n[name]``); the instance that lists
+        them stays pooled."""
         tasks = []
         for name in self.factories:
             env = self.acquire(name)
-            tasks += env.tasks(split, n)
+            tasks += env.tasks(split, n[name] if isinstance(n, dict) else n)
             self.release(env)
         return tasks
 

@@ -1,4 +1,5 @@
-"""Small shared helpers: package paths, atomic writes, secret redaction, W&B defaults."""
+"""Small shared helpers: package paths, atomic writes, secret redaction, W&B defaults, counts
+set per environment."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 import logging
 import os
 import re
-import sys
 import tempfile
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -59,6 +60,20 @@ def one_line_errors() -> Iterator[None]:
             if isinstance(handler, logging.FileHandler):  # the line below, once)
                 handler.handle(record)
         raise SystemExit(f"error: {message}") from None
+
+
+def per_environment(setting: Any, name: str, group: str, key: str) -> int:
+    """A count set for a whole evaluation suite (``eval.episodes``, ``eval.steps.tasks``): one
+    number for every environment, or a mapping by environment name, else by group (held_in /
+    held_out), where a missing entry is 0. ``key`` names the setting in a config error."""
+    if isinstance(setting, Mapping):
+        n = setting.get(name, setting.get(group, 0))
+        where = f"{key}.{name if name in setting else group}"
+    else:
+        n, where = setting, key
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"{where} must be a count >= 0 (0: none), got {n!r}")
+    return n
 
 
 def resolve_path(path: str | Path) -> Path:

@@ -133,6 +133,31 @@ def test_shared_cache_scoring_equals_scoring_each_step_alone(chatty_model, token
         assert r["nll"] == pytest.approx(float(nll), abs=1e-3)
 
 
+def test_the_opening_an_environment_shares_is_computed_once(chatty_model, tokenizer, tmp_path):
+    """The trajectories of one environment share their opening (system prompt, instructions):
+    its KV cache is computed once and each trajectory's teacher-forced pass starts from it,
+    with the NLL and KV cache of a pass over the whole trajectory."""
+    items = _items(tmp_path, tasks=3)
+    policy = Policy(chatty_model, tokenizer)
+    shared = step_eval._tokenized(items, tokenizer)
+    opening = step_eval._SharedOpening(shared)
+    assert set(opening.length) == {"babyai", "maze"} and min(opening.length.values()) > 20
+    for env, n in opening.length.items():
+        openings = {tuple(it.ids[:n]) for it in shared if it.trajectory.env == env}
+        assert len(openings) == 1  # one opening per environment, shorter than any first turn
+        assert all(n < it.spans[0][0] for it in shared if it.trajectory.env == env)
+    alone = step_eval._tokenized(items, tokenizer)
+    for a, b in zip(shared, alone):
+        step_eval._teacher_forced(policy, a, opening)
+        step_eval._teacher_forced(policy, b)
+        assert a.nll == pytest.approx(b.nll, abs=1e-4) and a.ids == b.ids
+        for (ka, va), (kb, vb) in zip(a.kv, b.kv):
+            assert ka.shape == kb.shape and torch.allclose(ka, kb, atol=1e-4)
+            assert torch.allclose(va, vb, atol=1e-4)
+    # two environments, 3 trajectories each: each opening computed once and read twice
+    assert opening.reused_tokens == 2 * sum(opening.length.values())
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_shared_prefix_decoder_equals_generating_each_prompt_alone(chatty_model, tokenizer, lora):
     """Prompts that leave their cached history early (many tokens of their own: the row slots
@@ -271,9 +296,28 @@ def test_evaluate_writes_steps_and_compares_with_the_cached_base_model(chatty_mo
     assert rescored["correct"] and rescored["action"] == expert
 
 
+def test_episodes_are_set_per_environment(chatty_model, tokenizer, tmp_path):
+    """``eval.episodes`` by environment name or group, like ``eval.steps.tasks``: only the
+    environments given a count are played, and only they appear in the rollout results."""
+    eval_cfg = _eval_cfg("eval.steps.tasks=0", "eval.episodes={maze: 2}")
+    results = evaluate(chatty_model, tokenizer, eval_cfg, tmp_path / "a")
+    assert list(results["environments"]) == ["maze"] and results["environments"]["maze"]["episodes"] == 2
+    assert set(results["averages"]) == {"held_out"}
+    played = [json.loads(line)["meta"]["env"] for line in (tmp_path / "a" / "episodes.jsonl").open()]
+    assert played == ["maze", "maze"]
+    results = evaluate(chatty_model, tokenizer, _eval_cfg("eval.steps.tasks=0",
+                                                          "eval.episodes={held_in: 1, maze: 0}"),
+                       tmp_path / "b")
+    assert {n: r["episodes"] for n, r in results["environments"].items()} == {"babyai": 1}
+    with pytest.raises(ValueError, match=r"eval.episodes.maze must be a count >= 0 .* got -1"):
+        evaluate(None, None, _eval_cfg("eval.episodes={maze: -1}"), tmp_path)
+
+
 def test_bad_step_config_is_named(tmp_path, cache):
-    with pytest.raises(ValueError, match="eval.steps.tasks for babyai"):
+    with pytest.raises(ValueError, match="eval.steps.tasks must be a count >= 0"):
         evaluate(None, None, _eval_cfg("eval.steps.tasks=-1"), tmp_path)
+    with pytest.raises(ValueError, match=r"eval.steps.tasks.held_out must be a count >= 0 .* got 'x'"):
+        evaluate(None, None, _eval_cfg("eval.steps.tasks={babyai: 1, held_out: x}"), tmp_path)
     for key in ("batch_size", "segment"):
         with pytest.raises(ValueError, match=f"eval.steps.{key} must be >= 1"):
             evaluate(None, None, _eval_cfg(f"eval.steps.{key}=0"), tmp_path)
