@@ -1,55 +1,23 @@
-"""Step selection: which steps of each trajectory are supervised.
-
-Every ratio-based selector keeps the same number of steps per trajectory at a given ratio, so
-comparisons at one ratio are fair:
-
-    k(ratio, n) = min(n, max(1, floor(ratio * n)))
-
-where n is the number of *candidate* steps of the trajectory: the steps its source file marks as
-trainable (all of them, unless the file says otherwise, e.g. AgentGym's ``loss: false`` on a
-scripted reply). "At most ``ratio`` of the steps" as in the paper, but never zero, so every
-trajectory contributes one step.
-
-Selectors (``conf/selector/``):
-
-- ``full``: every candidate (standard fine-tuning; ignores the ratio).
-- ``random``: k random candidates, drawn from (seed, trajectory id).
-- ``critical``: the oracle's critical steps (ATLaS). The oracle is asked for *at most* k, as in
-  the paper, so it may keep fewer; ``heuristic`` is ``critical`` with the rule-based oracle.
-- ``noncritical``: k candidates the oracle did not choose (the paper's ablation).
-- ``perplexity``: the k steps with the highest mean token NLL under the base model.
-- ``counterfactual``: the k steps where departing from the expert costs the most in the
-  environment's simulator (see :mod:`atlas.counterfactual`).
-- ``hybrid``: the oracle's steps first (weighted by criterion), the rest ranked by a metric
-  selector's scores, k in all (see :class:`HybridSelector`).
-
-A selector returns one :class:`Selection` per trajectory; :func:`apply_selections` turns them into
-trajectories whose ``selected`` flags are the choice and whose ``meta["selection"]`` records it
-(steps, criteria, reasons, plan, oracle, model, prompt version, tokens). That is the selection
-file ``select.py`` and ``train.py`` write.
+"""The selectors: which steps of each trajectory are supervised (``conf/selector/``), with
+the step budget ``k(ratio, n)`` they all share.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import random
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from atlas.data.trajectory import Trajectory
-from atlas.utils import ConfigError, UserError
+from atlas.selection.record import (MAX_FAILED_FRACTION, ON_FAILURE, Selection, apply_selections,
+                                    log_failures)
+from atlas.utils import ConfigError
 
 log = logging.getLogger(__name__)
-
-ON_FAILURE = ("skip", "error")
-#: default share of trajectories whose selection may fail before a run stops
-MAX_FAILED_FRACTION = 0.2
-
 
 def draw(seed: int, trajectory: Trajectory) -> random.Random:
     """The random source of a trajectory's choice: (seed, trajectory id), so a draw does not
@@ -65,127 +33,6 @@ def num_selected(ratio: float, num_steps: int) -> int:
         return 0
     # the epsilon keeps 0.3 * 10 == 3, not 2.9999999999999996 -> 2
     return min(num_steps, max(1, math.floor(ratio * num_steps + 1e-9)))
-
-
-@dataclass
-class Selection:
-    """One trajectory's selection, as recorded in ``meta["selection"]`` of the selection file.
-
-    Attributes:
-        trajectory_id: The trajectory.
-        fingerprint: :meth:`Trajectory.fingerprint` of the trajectory selected from; a saved
-            selection is reused only for the same content.
-        signature: What produced it (selector, ratio, seed, oracle, model, prompt version...).
-        k: The step budget k(ratio, n).
-        steps: Chosen step indices, in the order the selector ranked them.
-        criteria / reasons: Per chosen step (None where the selector gives none).
-        status: ``ok`` or ``failed`` (the oracle gave no valid answer; ``error`` says why).
-        plan / subgoals: The oracle's summary of the trajectory.
-        scores: Per-step scores of metric selectors (higher: more critical).
-        input_tokens / output_tokens / cost_usd: What the oracle spent on it.
-        cached: The oracle answer came from the cache in this run.
-    """
-
-    trajectory_id: str
-    fingerprint: str
-    signature: dict[str, Any]
-    k: int
-    steps: list[int]
-    criteria: list[str | None] = field(default_factory=list)
-    reasons: list[str | None] = field(default_factory=list)
-    status: str = "ok"
-    error: str | None = None
-    plan: str | None = None
-    subgoals: list[str] = field(default_factory=list)
-    scores: list[float | None] | None = None
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cost_usd: float = 0.0
-    cached: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def apply_selections(trajectories: Sequence[Trajectory], selections: Sequence[Selection],
-                     include_failed: bool = False) -> list[Trajectory]:
-    """Trajectories whose selected steps are the selections', each recorded in
-    ``meta["selection"]``. Failed selections are left out unless ``include_failed`` (then with
-    no step selected), so nothing is ever trained on a substitute choice."""
-    out = []
-    for t, s in zip(trajectories, selections, strict=True):
-        if t.id != s.trajectory_id:
-            raise ValueError(f"selection of {s.trajectory_id} applied to trajectory {t.id}")
-        if not s.ok and not include_failed:
-            continue
-        chosen = t.with_selection(s.steps, criteria={k: c for k, c in zip(s.steps, s.criteria) if c},
-                                  reasons={k: r for k, r in zip(s.steps, s.reasons) if r})
-        chosen.meta["selection"] = s.to_json()
-        out.append(chosen)
-    return out
-
-
-def saved_selections(trajectories: Sequence[Trajectory], saved: Sequence[Trajectory],
-                     selector: "Selector") -> tuple[list[Selection] | None, str]:
-    """The selections of a saved selection file, when it holds a valid selection made by this
-    selector config for each of these trajectories as they are now; else (None, why not).
-
-    Reused selections count as cached: nothing is paid for them in this run. A file with failed
-    selections is not reused, so selecting again retries them (the answers already paid for
-    come from the oracle's cache)."""
-    by_id = {t.id: t for t in saved}
-    signature = selector.signature()
-    out = []
-    for t in trajectories:
-        record = by_id.get(t.id)
-        if record is None:
-            return None, f"trajectory {t.id} is not in it"
-        s = record.meta.get("selection")
-        if not isinstance(s, dict):
-            return None, f"trajectory {t.id} has no meta.selection (not a selection file?)"
-        if s.get("signature") != signature:
-            return None, f"it was made by {s.get('signature')}, not {signature}"
-        if s.get("fingerprint") != t.fingerprint():
-            return None, f"trajectory {t.id} has changed since"
-        if s.get("status") != "ok":
-            return None, f"trajectory {t.id} has a failed selection ({s.get('error')})"
-        recorded = {k: v for k, v in s.items() if k in Selection.__dataclass_fields__ and k not in
-                    ("trajectory_id", "fingerprint", "signature", "k", "steps", "cached")}
-        try:  # the same checks as a fresh choice: candidates only, at most k
-            out.append(selector._selection(t, selector.k(len(t.selected_steps)), s["steps"],
-                                           cached=True, **recorded))
-        except (RuntimeError, TypeError) as e:
-            return None, f"trajectory {t.id}: {e}"
-    return out, ""
-
-
-class SelectionFailed(UserError, RuntimeError):
-    """Too many trajectories have no valid selection (the oracle's answers failed)."""
-
-
-def log_failures(selections: Sequence[Selection], on_failure: str = "skip",
-                 max_failed_fraction: float = 1.0, record: str = "the selection file") -> None:
-    """Say loudly which trajectories have no valid selection. Raise :class:`SelectionFailed`
-    under ``on_failure=error``, or when more than ``max_failed_fraction`` of them failed."""
-    if on_failure not in ON_FAILURE:
-        raise ConfigError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
-    failed = [s for s in selections if not s.ok]
-    if not failed:
-        return
-    msg = (f"the oracle's answers failed for {len(failed)} of {len(selections)} trajectories, "
-           f"e.g. {failed[0].trajectory_id}: {failed[0].error}")
-    retry = "answers already received are cached: run again to retry only the failed ones"
-    if on_failure == "error":
-        raise SelectionFailed(f"{msg} (selector.on_failure=error); see {record}; {retry}")
-    if len(failed) > max_failed_fraction * len(selections):
-        raise SelectionFailed(f"{msg}: more than selector.max_failed_fraction="
-                              f"{max_failed_fraction}; see {record}; {retry}")
-    log.error("%s. They are left out of training (selector.on_failure=skip) and recorded with "
-              "status 'failed' in %s.", msg, record)
 
 
 def build_selector(cfg) -> tuple["Selector", str]:
@@ -432,13 +279,13 @@ class ScoredSelector(Selector):
         raise NotImplementedError
 
     def scores(self, trajectories: Sequence[Trajectory]) -> list[list[float | None]]:
-        from atlas.oracle import JsonlCache, default_cache_dir
+        from atlas.oracle import cache as answers
 
         if not self.cacheable:
             self.last_run = {"scored": len(trajectories), "from_cache": 0}
             return self.compute(trajectories)
-        cache = JsonlCache(Path(self.cache_dir or default_cache_dir("scores")) /
-                           f"{self.name}.jsonl")
+        cache = answers.JsonlCache(Path(self.cache_dir or answers.default_cache_dir("scores")) /
+                                   f"{self.name}.jsonl")
         sig = json.dumps(self.score_signature(), sort_keys=True)
         keys = [hashlib.sha256(f"{sig}:{t.fingerprint()}".encode()).hexdigest()
                 for t in trajectories]
@@ -617,93 +464,3 @@ class HybridSelector(OracleSelector):
                 reasons=[marked[s][1] if s in marked else f"metric percentile {pct[s]:.2f}"
                          for s in steps]))
         return out
-
-
-# ---- the selection step of a job ---------------------------------------------------------------
-
-
-def select_steps(selector: Selector, trajectories: Sequence[Trajectory],
-                 selection_file: str | None = None) -> list[Selection]:
-    """Selections for ``trajectories``: reused from ``selection_file`` when it was made by this
-    selector config from the same trajectories, else computed."""
-    if selection_file:
-        from atlas.data.formats import read_trajectories
-
-        saved, why = saved_selections(trajectories, read_trajectories(selection_file), selector)
-        if saved is not None:
-            log.info("reusing the selection in %s (%d trajectories)", selection_file, len(saved))
-            return saved
-        log.warning("not reusing %s: %s; selecting again", selection_file, why)
-    return selector.selections(trajectories)
-
-
-def summarize(selections: Sequence[Selection]) -> dict[str, Any]:
-    """Counts and costs of a selection (written to the summaries and logged to W&B)."""
-    ok = [s for s in selections if s.ok]
-    criteria: dict[str, int] = {}
-    for s in ok:
-        for c in s.criteria:
-            if c:
-                criteria[c] = criteria.get(c, 0) + 1
-    return {
-        "trajectories": len(selections), "failed": len(selections) - len(ok),
-        "steps_selected": sum(len(s.steps) for s in ok),
-        "steps_budget": sum(s.k for s in ok),
-        "criteria": dict(sorted(criteria.items())),
-        "oracle_from_cache": sum(s.cached for s in selections),
-        "input_tokens": sum(s.input_tokens for s in selections if not s.cached),
-        "output_tokens": sum(s.output_tokens for s in selections if not s.cached),
-        "cost_usd": round(sum(s.cost_usd for s in selections if not s.cached), 6),
-    }
-
-
-def write_selection(out_dir: str | Path, trajectories: Sequence[Trajectory],
-                    selections: Sequence[Selection]) -> dict[str, str]:
-    """The selection file and its exports in ``out_dir``; returns {kind: path}.
-
-    - ``selection.jsonl``: atlas format, every trajectory with the chosen steps selected and
-      ``meta.selection`` (failed ones too, with no step selected and their error);
-    - ``selection.agentgym.jsonl``: AgentGym/AgentTraj records, ``loss`` true on chosen turns;
-    - ``selection.openai.jsonl``: OpenAI fine-tuning JSONL, ``weight`` 1 on chosen turns.
-    The exports hold only trajectories with a valid selection.
-    """
-    from atlas.data.formats import write_trajectories
-
-    out = Path(out_dir)
-    everything = apply_selections(trajectories, selections, include_failed=True)
-    chosen = [t for t in everything if t.meta["selection"]["status"] == "ok"]
-    paths = {"selection": write_trajectories(out / "selection.jsonl", everything),
-             "agentgym": write_trajectories(out / "selection.agentgym.jsonl", chosen, "agentgym"),
-             "openai": write_trajectories(out / "selection.openai.jsonl", chosen, "openai")}
-    return {k: str(p.resolve()) for k, p in paths.items()}
-
-
-def run(cfg) -> dict[str, Any]:
-    """The ``select.py`` job: load, split like ``train.py``, select, write the selection files."""
-    from atlas.data.datamodule import load_trajectories, split_trajectories
-    from atlas.utils import atomic_write
-
-    if cfg.split not in ("train", "all"):
-        raise ValueError(f"split must be 'train' or 'all', got {cfg.split!r}")
-    d = cfg.data
-    trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
-    if cfg.get("eval") is not None:  # action_format=tools: as train.py sees them
-        from atlas.evaluation import in_action_format
-
-        trajectories = in_action_format(trajectories, cfg.eval)
-    if cfg.split == "train":
-        trajectories, _ = split_trajectories(trajectories, d.val_fraction)
-    selector, _ = build_selector(cfg.selector)
-    selections = selector.selections(trajectories)
-    out = Path(cfg.paths.output_dir)
-    files = write_selection(out, trajectories, selections)
-    summary = {"selector": selector.signature(), "split": cfg.split, **summarize(selections),
-               "oracle_run": selector.last_run, "files": files}
-    atomic_write(out / "selection_summary.json", json.dumps(summary, indent=2))
-    s = summary
-    log.info("%s: %d trajectories, %d steps selected (budget %d), %d failed; criteria %s",
-             selector.name, s["trajectories"], s["steps_selected"], s["steps_budget"],
-             s["failed"], s["criteria"] or "-")
-    log.info("selection written to %s", files["selection"])
-    selector.check(selections, str(out / "selection_summary.json"))
-    return summary
