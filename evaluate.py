@@ -15,10 +15,10 @@ from atlas.utils import one_line_errors, refuse_secret_overrides
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
-    from atlas.evaluation import run
+    from atlas.jobs.evaluate import evaluate
 
     with one_line_errors():
-        run(cfg)
+        evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -39,10 +39,10 @@ elif __name__ == "__main__":
 
     @hydra.main(version_base="1.3", config_path="conf", config_name="select")
     def main(cfg: DictConfig) -> None:
-        from atlas.selection import run
+        from atlas.jobs.select import select
 
         with one_line_errors():
-            run(cfg)
+            select(cfg)
 
     refuse_secret_overrides(sys.argv[1:])
     main()

@@ -15,7 +15,7 @@ from atlas.utils import ddp_child_argv, one_line_errors, refuse_secret_overrides
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from atlas.training import train
+    from atlas.jobs.train import train
 
     with one_line_errors():
         train(cfg)

@@ -17,6 +17,10 @@ Writes to the output directory:
   the trained model's paired difference from the base model.
 
 Set ``eval.episodes=0`` for step-level evaluation only, ``eval.steps.tasks=0`` for rollouts only.
+
+Size: the suite's two halves (steps and rollouts) share its environments, its results file and
+its W&B tables; the engines they drive live in ``step_eval``, ``prefix_decoding`` and
+``rollout``.
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 from atlas import step_eval
 from atlas.data.formats import trajectory_to_record
 from atlas.data.trajectory import Trajectory
-from atlas.envs.base import SPLITS
-from atlas.rollout import ActionFormat, EnvPool, Episode, Policy, run_episodes
+from atlas.envs.base import Split
+from atlas.rollout import ActionFormat, EnvPool, Episode, EpisodeStatus, Policy, run_episodes
 from atlas.stats import Ratio, wilson
 from atlas.utils import ConfigError, atomic_write, per_environment
 
@@ -114,7 +118,7 @@ def summarize(episodes: list[Episode], groups: dict[str, str]) -> dict[str, Any]
             "reward_ci": _ci(Ratio.of(episode_units(eps, "score"))) if eps else None,
             "turns": statistics.fmean(e.turns for e in eps) if eps else float("nan"),
             "invalid_actions": sum(e.invalid for e in eps),
-            "errors": sum(e.status == "error" for e in eps),
+            "errors": sum(e.status == EpisodeStatus.ERROR for e in eps),
         }
     averages = {}
     for group in GROUPS:
@@ -204,8 +208,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if eval_cfg.split not in SPLITS:
-        raise ValueError(f"eval.split must be one of {SPLITS}, got {eval_cfg.split!r}")
+    Split.of(eval_cfg.split, "eval.split")
     for key in ("batch_size", "instances"):
         if eval_cfg[key] < 1:
             raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
@@ -230,13 +233,14 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
         episodes = _rollouts(model, tokenizer, eval_cfg,
                              {n: e for n, e in envs.items() if episodes_per_env[n]}, out, served,
                              episodes_per_env)
-        results.update(summarize(episodes, {n: g for n, g in groups.items() if episodes_per_env[n]}))
+        played = {n: g for n, g in groups.items() if episodes_per_env[n]}
+        results.update(summarize(episodes, played))
         results["episodes_file"] = str((out / "episodes.jsonl").resolve())
     results.update({"split": eval_cfg.split,
                     "config": OmegaConf.to_container(eval_cfg, resolve=True)})
     atomic_write(out / "results.json", json.dumps(results, indent=2))
     for ep in episodes:
-        if ep.status == "error":
+        if ep.status == EpisodeStatus.ERROR:
             log.warning("episode %s failed: %s", ep.task.id, ep.error)
     if "steps" in results:
         log.info("step-level evaluation (%d expert test steps, teacher-forced)\n%s",
@@ -464,39 +468,3 @@ def load_agent(checkpoint: str | None, model_cfg: DictConfig):
         model = load_model(name=str(path), dtype=model_cfg.get("dtype", "float32"),
                            attn_implementation=model_cfg.get("attn_implementation"))
     return model, load_tokenizer(str(path))
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """The evaluate.py job (``conf/evaluate.yaml``)."""
-    import lightning as L
-    import wandb
-
-    from atlas.model import resolve_device
-    from atlas.console import tidy
-    from atlas.utils import redact, wandb_offline_by_default
-
-    tidy()
-    wandb_offline_by_default()
-    L.seed_everything(cfg.seed, verbose=False)
-    checkpoint, server = cfg.get("checkpoint"), backend(cfg.eval) == "server"
-    if server and not (cfg.eval.get("steps") and cfg.eval.steps.tasks):
-        # the server holds the model: only its tokenizer (the chat template) is needed here
-        from atlas.model import load_tokenizer
-
-        model, tokenizer = None, load_tokenizer(checkpoint or cfg.model.tokenizer or cfg.model.name)
-    else:
-        model, tokenizer = load_agent(checkpoint, cfg.model)
-        model.to(resolve_device())
-    logger = instantiate(cfg.logger) if cfg.get("logger") else None
-    try:
-        if logger:
-            logger.log_hyperparams(redact(OmegaConf.to_container(cfg, resolve=True)))
-        # a checkpoint is compared with its base (model=); the base model fills that cache
-        results = evaluate(model, tokenizer, cfg.eval, cfg.paths.output_dir, logger, cfg.model,
-                           is_base=not checkpoint,
-                           served=served_paths(checkpoint, cfg.model) if server else None)
-        if "baseline" in results:
-            log.info("base model vs this model\n%s", format_comparison(results))
-        return results
-    finally:
-        wandb.finish()

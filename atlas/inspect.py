@@ -6,7 +6,7 @@
     python -m atlas.inspect model.name=Qwen/Qwen2.5-0.5B-Instruct selector.granularity=action
 
 It takes train.py's config (``data``, ``selector``, ``ratio``, ``oracle``, ``model``,
-``selection_file``) and goes through the same stages (:func:`atlas.training.select_training_data`,
+``selection_file``) and goes through the same stages (:func:`atlas.jobs.train.select_training_data`,
 then :func:`atlas.data.masking.encode` with the model's chat template), so what it shows is what
 a training job with the same settings trains on. For each chosen trajectory:
 
@@ -172,7 +172,7 @@ def log_table(logger, selection: list[Trajectory], candidates: dict[str, list[in
                                  tools_as_text=tools_as_text)
         s = ins.stats
         rows.append([t.id, t.env, s["selected"], s["candidates"], s["supervised_tokens"],
-                     s["fed_tokens"], granularity, wandb.Html(html([ins]), inject=False)])
+                     s["fed_tokens"], str(granularity), wandb.Html(html([ins]), inject=False)])
     logger.log_table("train/masks", columns=["trajectory", "env", "selected", "candidates",
                                              "supervised_tokens", "fed_tokens", "granularity",
                                              "masks"], data=rows)
@@ -196,13 +196,13 @@ def run(cfg) -> list[Inspection]:
     """The inspector job (``conf/inspect.yaml``): print, and write ``inspect.html``."""
     from atlas.console import tidy
     from atlas.model import load_tokenizer
-    from atlas.training import select_training_data
+    from atlas.jobs.train import select_training_data
     from atlas.utils import atomic_write
 
     tidy()
     data = select_training_data(cfg, cfg.get("selection_file"))
-    candidates = {t.id: t.selected_steps for t in data.train}
-    chosen = choose(data.selection, cfg.inspect.get("ids"), cfg.inspect.n, cfg.inspect.seed)
+    candidates = {t.id: t.candidate_steps for t in data.train}
+    chosen = choose(data.chosen, cfg.inspect.get("ids"), cfg.inspect.n, cfg.inspect.seed)
     tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
     inspections = [inspect_trajectory(t, tokenizer, candidates[t.id], data.granularity,
                                       cfg.data.loader.max_length, cfg.inspect.tokens,

@@ -10,9 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from atlas.data.masking import IGNORE_INDEX
-from atlas.utils import ConfigError
+from atlas.utils import Choice, ConfigError
 
-LOSS_AVERAGES = ("token", "step")
+class LossAverage(Choice):
+    """How the loss averages its supervised tokens: over all of them, or per step first."""
+
+    TOKEN = "token"
+    STEP = "step"
 LOSS_IMPLS = ("gathered", "full")
 # config attributes of models whose logits are a function of the LM head's output
 # (Gemma-2 softcapping; Cohere, MiniCPM, Granite, Falcon-H1 scales): the full path handles them
@@ -152,8 +156,7 @@ def _reduce(nll: torch.Tensor, labels: torch.Tensor, step_ids: torch.Tensor, mas
 
 def _supervised(labels: torch.Tensor, step_ids: torch.Tensor, average: str):
     """Shifted labels and step ids (position t predicts token t+1) and their supervised mask."""
-    if average not in LOSS_AVERAGES:
-        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
+    LossAverage.of(average, "loss average")
     labels, step_ids = labels[:, 1:], step_ids[:, 1:]
     mask = labels != IGNORE_INDEX
     if not mask.any():
@@ -245,8 +248,7 @@ class AtlasLM(L.LightningModule):
         optimizer_class(optimizer)  # a wrong name or a missing library fails before training
         self.optimizer, self.optimizer_in_backward = optimizer, bool(optimizer_in_backward)
         self.automatic_optimization = not self.optimizer_in_backward
-        if loss_average not in LOSS_AVERAGES:
-            raise ValueError(f"module.loss_average must be one of {LOSS_AVERAGES}, got {loss_average!r}")
+        loss_average = LossAverage.of(loss_average, "module.loss_average")
         if loss_impl not in LOSS_IMPLS:
             raise ValueError(f"module.loss_impl must be one of {LOSS_IMPLS}, got {loss_impl!r}")
         if loss_chunk_size < 1:
@@ -259,7 +261,7 @@ class AtlasLM(L.LightningModule):
         # plain Python values: checkpoints load with torch's weights_only unpickler
         self.save_hyperparameters({"lr": float(lr), "weight_decay": float(weight_decay),
                                    "betas": tuple(float(b) for b in betas),
-                                   "warmup_ratio": float(warmup_ratio), "loss_average": loss_average})
+                                   "warmup_ratio": float(warmup_ratio), "loss_average": loss_average.value})
         self._total_steps: int | None = None
 
     def forward(self, input_ids, attention_mask=None, position_ids=None):

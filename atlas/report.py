@@ -26,6 +26,10 @@ Jobs that differ in a config-group choice other than the selector (``model=``, `
 are never averaged together: each choice that varies across jobs becomes a column of its own.
 When the jobs logged to W&B, the table and the plots go to a new W&B run (``job_type=report``,
 offline unless WANDB_MODE says otherwise) under ``<out>/wandb``.
+
+Size: reading the jobs, the table, the paired differences, the plots and the words that say
+which differences are resolved are one pipeline over one set of records; split, each part would
+pass the same records around.
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ environment's answer is the call's result.
 Episodes run in parallel: each turn, the prompts of all active episodes go through one batched
 ``generate`` call. Environments are pooled per environment, capped by ``instances`` (a
 ScienceWorld instance is a JVM of 0.7-3.6 GB), and reused across episodes.
+
+Size: the episode loop, the policy that generates for it (KV reuse, segments, early stops) and
+the action formats it reads are one unit: each turn crosses all three.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from transformers import StaticCache, StoppingCriteriaList
 from atlas.console import progress
 from atlas.data.trajectory import Message, ToolCall, Trajectory
 from atlas.envs.base import ACTION, Environment, Task, parse_action
-from atlas.utils import ConfigError
+from atlas.utils import Choice, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -196,6 +199,17 @@ class ActionFormat:
                                    meta={**trajectory.meta, "action_format": self.kind})
 
 
+class EpisodeStatus(Choice):
+    """How an episode stands or ended (see :class:`Episode`)."""
+
+    RUNNING = "running"
+    SUCCESS = "success"
+    FAILURE = "failure"  # the environment ended it unsolved
+    MAX_TURNS = "max_turns"
+    CONTEXT = "context"  # the prompt outgrew max_prompt_tokens
+    ERROR = "error"  # the environment crashed
+
+
 @dataclass
 class Episode:
     """One episode under way or finished.
@@ -205,9 +219,7 @@ class Episode:
         trajectory: The conversation so far.
         score: Latest score in [0, 1].
         success: Whether the task was solved.
-        status: "running", "success", "failure" (the environment ended it), "max_turns",
-            "context" (the prompt outgrew ``max_prompt_tokens``) or "error" (the environment
-            crashed; ``error`` holds the message).
+        status: An :class:`EpisodeStatus`; ``error`` holds an ``error`` episode's message.
         invalid: Turns whose response had no parseable action.
     """
 
@@ -215,7 +227,7 @@ class Episode:
     trajectory: Trajectory
     score: float = 0.0
     success: bool = False
-    status: str = "running"
+    status: EpisodeStatus = EpisodeStatus.RUNNING
     turns: int = 0
     invalid: int = 0
     error: str | None = None
@@ -227,7 +239,7 @@ class Episode:
         return {"id": self.task.id, "env": self.task.env, "task": self.task.name,
                 "seed": self.task.seed, "split": self.task.split, "success": self.success,
                 "score": self.score,
-                "status": self.status, "turns": self.turns, "invalid_actions": self.invalid,
+                "status": str(self.status), "turns": self.turns, "invalid_actions": self.invalid,
                 "error": self.error, "seconds": round(self.seconds, 3)}
 
 
@@ -560,12 +572,12 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
     active: list[Episode] = []
     bar = progress(total=len(tasks), desc="episodes", unit="episode")
 
-    def finish(ep: Episode, status: str, error: str | None = None) -> None:
+    def finish(ep: Episode, status: EpisodeStatus, error: str | None = None) -> None:
         ep.status, ep.error = status, error
         policy.forget(ep.task.id)
         ep.trajectory.meta.update(ep.record())
         if ep.env is not None:  # None: its engine never started
-            pool.release(ep.env, broken=status == "error")
+            pool.release(ep.env, broken=status == EpisodeStatus.ERROR)
             ep.env = None
         bar.update()
         if on_finish:
@@ -578,7 +590,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             env = pool.acquire(task.env)
         except Exception as e:  # noqa: BLE001 - an engine that fails to start fails the episode
             episodes[i] = ep = Episode(task, actions.start(task, "", Environment))
-            return finish(ep, "error", f"start: {type(e).__name__}: {e}")
+            return finish(ep, EpisodeStatus.ERROR, f"start: {type(e).__name__}: {e}")
         try:
             first, error = env.reset(task), None
         except Exception as e:  # noqa: BLE001 - an engine crash fails the episode, not the run
@@ -586,7 +598,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         episodes[i] = ep = Episode(task, actions.start(task, first, env), env=env,
                                    seconds=time.time() - t0)
         if error:
-            finish(ep, "error", error)
+            finish(ep, EpisodeStatus.ERROR, error)
         else:
             active.append(ep)
 
@@ -605,7 +617,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
         too_long = [len(p) > max_prompt_tokens for p in prompts]
         for ep, long in zip(active, too_long):
             if long:
-                finish(ep, "context")
+                finish(ep, EpisodeStatus.CONTEXT)
         prompts = [p for p, long in zip(prompts, too_long) if not long]
         active[:] = [ep for ep, long in zip(active, too_long) if not long]
         if not active:
@@ -632,7 +644,7 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
                 feedback, seconds = next(outcomes)
                 if isinstance(feedback, Exception):
                     active.remove(ep)
-                    finish(ep, "error", f"step {ep.turns}: {type(feedback).__name__}: {feedback}")
+                    finish(ep, EpisodeStatus.ERROR, f"step {ep.turns}: {type(feedback).__name__}: {feedback}")
                     continue
                 ep.seconds += seconds
                 ep.score, ep.success = float(feedback.score), bool(feedback.success)
@@ -640,7 +652,8 @@ def run_episodes(policy: Policy, pool: EnvPool, tasks: list[Task], batch_size: i
             if done or ep.turns >= cap:
                 ep.trajectory.meta["final_observation"] = observation
                 active.remove(ep)
-                finish(ep, "success" if ep.success else "failure" if done else "max_turns")
+                finish(ep, EpisodeStatus.SUCCESS if ep.success else EpisodeStatus.FAILURE if done
+                       else EpisodeStatus.MAX_TURNS)
             else:
                 ep.trajectory.messages.append(
                     actions.observation(observation, step, ep.env.observation_prefix))

@@ -23,6 +23,9 @@ until it answers, and stops it (its whole process group, by PID) when the evalua
 ``python -m atlas.serving --model DIR --port N`` is a small reference server of the same API for
 a transformers model (greedy or sampled, one request at a time): the tests serve the tiny model
 through it, and it shows what the client expects. It is not an inference engine.
+
+Size: the client, the server it starts and the reference server speak one wire format, kept
+in one module so that the two sides cannot drift apart.
 """
 
 from __future__ import annotations

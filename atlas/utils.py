@@ -11,6 +11,7 @@ import re
 import tempfile
 from collections.abc import Mapping
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -60,6 +61,28 @@ def one_line_errors() -> Iterator[None]:
             if isinstance(handler, logging.FileHandler):  # the line below, once)
                 handler.handle(record)
         raise SystemExit(f"error: {message}") from None
+
+
+class Choice(str, Enum):
+    """A closed set of strings (loss averages, overflow and failure policies, splits, episode
+    statuses): a config value is converted once, where it enters, by :meth:`of`, which names the
+    key of a wrong value. Members compare equal to their strings, print and format as them, and
+    JSON writes them as them; where a library turns an Enum into its name (W&B tables), pass
+    ``str(member)``."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+    @classmethod
+    def of(cls, value: Any, key: str) -> "Choice":
+        try:
+            return cls(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be one of {', '.join(m.value for m in cls)}, "
+                              f"got {value!r}") from None
 
 
 def per_environment(setting: Any, name: str, group: str, key: str) -> int:

@@ -5,7 +5,7 @@ re-run costs.
     python bench/oracle_throughput.py --trajectories 128 --latency 0.5 --provider anthropic
 
 Every request goes through the real SDK client (openai or anthropic), the real prompt, answer
-validation and the on-disk cache, to a loopback server (atlas/fake_provider.py) that answers
+validation and the on-disk cache, to a loopback server (atlas/testing/fake_provider.py) that answers
 each request after ``--latency`` seconds, as a remote API would. Each concurrency starts from
 an empty cache; the last run repeats the highest concurrency on its warm cache and should send
 0 requests. Prints a table and one JSON line per run.
@@ -54,7 +54,7 @@ def main() -> None:
     import logging
 
     from atlas.data.datamodule import load_trajectories
-    from atlas.fake_provider import FakeProvider
+    from atlas.testing.fake_provider import FakeProvider
 
     logging.basicConfig(level=logging.WARNING)
     os.environ.setdefault("OPENAI_API_KEY", "sk-bench-loopback")  # the loopback server's only

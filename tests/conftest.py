@@ -1,4 +1,6 @@
-"""Shared fixtures: real data from ../shared/data, the shipped tokenizer, composed configs."""
+"""Shared fixtures: real data from ../shared/data, the shipped tokenizer, tiny models (a random
+Llama with large weights, saved as train.py saves one), private caches. Helpers that are not
+fixtures live in ``tests/helpers.py``."""
 
 from __future__ import annotations
 
@@ -7,17 +9,25 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-SHARED = Path(os.environ.get("ATLAS_SHARED_DATA", ROOT.parent / "shared" / "data"))
-TOKENIZER = ROOT / "atlas" / "assets" / "smollm2_tokenizer"
+from tests.helpers import CONF, SHARED, TOKENIZER
 
 # Keep every test off the network and out of the user's W&B and model cache.
 os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` stay in the suite and are skipped, saying so, without a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -38,64 +48,51 @@ def tokenizer():
     return load_tokenizer(str(TOKENIZER))
 
 
-def compose_train(tmp_path: Path, *overrides: str):
-    """Compose conf/train.yaml the way `python train.py` does, with a tiny model by default."""
-    from hydra import compose, initialize_config_dir
-
-    base = ["model=tiny_llama", "logger=csv", "data.limit=8", "data.val_fraction=0.25",
-            "eval_after_training=false",
-            f"paths.output_dir={tmp_path}"]
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("train", overrides=base + list(overrides))
-
-
-def compose_select(tmp_path: Path, *overrides: str):
-    """Compose conf/select.yaml the way `python select.py` does, with a tiny model by default."""
-    from hydra import compose, initialize_config_dir
-
-    base = ["model=tiny_llama", "data.limit=6", f"paths.output_dir={tmp_path}"]
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return compose("select", overrides=base + list(overrides))
-
-
-def play_gold_path(env, task, mistake_at: float | None = None, rng=None):
-    """An expert episode of a gold-path environment (ScienceWorld, TextWorld-Express), with a
-    mistake injected ``mistake_at`` (a fraction) of the way along the gold path, which is known
-    only after the reset. Returns (last feedback, [(thought, action, feedback), ...])."""
-    from atlas.data.generate import expert_turns
-
-    env.reset(task)
-    at = int(mistake_at * (len(env.gold) - 1)) if mistake_at is not None else None
-    turns = list(expert_turns(env, at, rng))
-    if not turns[-1][2].done:
-        raise AssertionError(f"{task.id}: no end within max_turns")
-    return turns[-1][2], turns
-
-
-def check_recovery(env, task, rejection: str) -> None:
-    """A gold-path expert with one mistake at a random point still solves ``task``: the engine
-    rejects the mistake with ``rejection`` without changing the state, and the next thought
-    quotes the wrong action and the engine's answer and resumes the plan."""
-    import random
-
-    rng = random.Random(task.id)
-    fb, turns = play_gold_path(env, task, rng.random(), rng)
-    assert fb.success and fb.score == 1.0, (task.id, turns)
-    wrong_turns = [i for i, (_, _, f) in enumerate(turns) if f.observation == rejection]
-    assert len(wrong_turns) == 1, (task.id, turns)  # the mistake, and only the mistake
-    at = wrong_turns[0]
-    _, wrong, wrong_fb = turns[at]
-    before = turns[at - 1][2].score if at else 0.0
-    assert not wrong_fb.done and wrong_fb.score == before  # the mistake changed nothing
-    recovery, action, _ = turns[at + 1]
-    assert wrong in recovery and rejection in recovery and "plan" in recovery, recovery
-    assert action != wrong
-
-
 @pytest.fixture(autouse=True)
 def _private_selection_caches(tmp_path, monkeypatch):
     """Oracle answers and step scores go to the test's directory, not the user's cache."""
-    import atlas.oracle
+    import atlas.oracle.cache
 
-    monkeypatch.setattr(atlas.oracle, "default_cache_dir",
+    monkeypatch.setattr(atlas.oracle.cache, "default_cache_dir",
                         lambda kind="oracle": tmp_path / "atlas-cache" / kind)
+
+
+@pytest.fixture(scope="module")
+def chatty_model():
+    """A tiny random Llama with large weights, so that its greedy text varies."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from atlas.model import load_model
+
+    torch.manual_seed(0)
+    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def checkpoint(chatty_model, tokenizer, tmp_path_factory):
+    """The chatty model saved as train.py saves one (model/ with its tokenizer)."""
+    path = tmp_path_factory.mktemp("run") / "model"
+    chatty_model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    """The tiny Llama of conf/model/tiny_llama.yaml, seeded, in eval mode."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from atlas.model import load_model
+
+    cfg = OmegaConf.load(CONF / "model" / "tiny_llama.yaml")
+    torch.manual_seed(0)
+    model = load_model(**OmegaConf.to_container(cfg))
+    model.eval()
+    return model

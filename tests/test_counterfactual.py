@@ -7,20 +7,19 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from atlas.counterfactual import (CounterfactualScorer, ReplayMismatchError, probe_steps,
                                   recorded_actions, step_costs)
 from atlas.data.formats import read_trajectories
 from atlas.data.generate import expert_episode
-from conftest import CONF, ROOT
+from tests.helpers import CONF, ROOT, make_env
 
 DATA = ROOT / "atlas" / "data"
 
 
 def load_env(name: str):
-    return instantiate(OmegaConf.load(CONF / "env" / f"{name}.yaml"))
+    return make_env(name)
 
 
 @pytest.fixture(scope="module")

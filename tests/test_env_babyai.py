@@ -9,14 +9,12 @@ import re
 import gymnasium as gym
 import numpy as np
 import pytest
-from hydra.utils import instantiate
 from minigrid.core.constants import COLOR_TO_IDX, OBJECT_TO_IDX, STATE_TO_IDX
 from minigrid.core.world_object import Key
-from omegaconf import OmegaConf
 
 from atlas.envs.babyai import parse_action, render_view, where
 from atlas.envs.base import Task
-from conftest import CONF
+from tests.helpers import make_env
 
 GOTO, PUTNEXT = "BabyAI-GoToLocal-v0", "BabyAI-PutNextLocal-v0"
 MOVES = {"turn left", "turn right", "go forward"}
@@ -24,7 +22,7 @@ MOVES = {"turn left", "turn right", "go forward"}
 
 @pytest.fixture(scope="module")
 def env():
-    env = instantiate(OmegaConf.load(CONF / "env" / "babyai.yaml"))
+    env = make_env("babyai")
     yield env
     env.close()
 
@@ -207,7 +205,7 @@ def test_putnext_plan_order(env):
 
 
 def test_mistake_recovery_and_score(env):
-    rng, twin = random.Random(0), instantiate(OmegaConf.load(CONF / "env" / "babyai.yaml"))
+    rng, twin = random.Random(0), make_env("babyai")
     for task in env.tasks("train", 16):
         mistake_at = rng.randint(0, 3)
         observation, twin_observation = env.reset(task), twin.reset(task)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import random
 
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from atlas.data.generate import expert_turns
 from atlas.envs.maze import parse, shortest_distances
-from conftest import CONF
+from tests.helpers import make_env
 
 # The goal (2,0) is two cells below the start, but holes force a detour round the east side.
 DETOUR = ["S...",
@@ -26,7 +24,7 @@ BOXED = [".H..",
 
 @pytest.fixture()
 def env():
-    return instantiate(OmegaConf.load(CONF / "env" / "maze.yaml"))
+    return make_env("maze")
 
 
 def test_observation_on_hand_made_map(env):
@@ -114,7 +112,7 @@ def test_splits_and_determinism(env):
     train, test = env.tasks("train", 3000), env.tasks("test", 3000)
     assert not {(t.name, t.seed) for t in train} & {(t.name, t.seed) for t in test}
     assert {t.name for t in test} == {"maze-4x4", "maze-6x6", "maze-8x8"}
-    other = instantiate(OmegaConf.load(CONF / "env" / "maze.yaml"))
+    other = make_env("maze")
     for task in test[:12]:
         assert env.reset(task) == other.reset(task)
     assert len(env.board) == 8 and env.reset(test[0]) != env.reset(test[3])

@@ -1,4 +1,4 @@
-"""Environments over HTTP (atlas/envs/remote.py), against loopback servers (tests/envserver.py)
+"""Environments over HTTP (atlas/envs/remote.py), against loopback servers (atlas/testing/envserver.py)
 that serve atlas's own Maze and BabyAI in AgentGym's wire formats.
 
 An episode played over HTTP must equal the same episode played in process; evaluate.py on
@@ -21,14 +21,12 @@ from atlas.data.generate import expert_episode
 from atlas.envs.babyai import BabyAIEnv
 from atlas.envs.remote import (CLIENTS, AgentGymEnv, EnvServerError, Server, after_action, crafting_action,
                                read_indices, sql_action)
-from atlas.evaluation import run as evaluate_run
+from atlas.jobs.evaluate import evaluate as evaluate_run
 from atlas.rollout import EnvPool, has_complete_action, run_episodes
 from atlas.utils import ConfigError
-from conftest import CONF, ROOT
-from envserver import EnvServer
-from test_rollout import ScriptedPolicy, _maze
-from test_serving import checkpoint  # noqa: F401 - a fixture
-from test_rollout import chatty_model  # noqa: F401 - a fixture
+from tests.helpers import CONF, ROOT
+from atlas.testing.envserver import EnvServer
+from tests.helpers import ScriptedPolicy, make_maze as _maze
 
 
 @pytest.fixture(autouse=True)

@@ -5,21 +5,17 @@ One JVM serves the whole module (starting one takes ~1 s and ~0.3-1 GB).
 
 from __future__ import annotations
 
-
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from atlas.envs.base import Task
 from atlas.envs.scienceworld import NO_MATCH, compact, parse
-from conftest import CONF, check_recovery, play_gold_path as play
-
+from tests.helpers import CONF, check_recovery, make_env, play_gold_path as play
 
 
 @pytest.fixture(scope="module")
 def env():
-    environment = instantiate(OmegaConf.load(CONF / "env" / "scienceworld.yaml"))
+    environment = make_env("scienceworld")
     yield environment
     environment.close()
 

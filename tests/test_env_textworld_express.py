@@ -6,19 +6,17 @@ import re
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from atlas.envs.base import Task
 from atlas.envs.textworld_express import quantity, route
-from conftest import CONF, check_recovery, play_gold_path as play
+from tests.helpers import CONF, check_recovery, make_env, play_gold_path as play
 
 UNKNOWN = "Unknown action: I'm not sure what you mean."
 
 
 @pytest.fixture(scope="module", params=["twx", "twx_unseen"])
 def env(request):
-    environment = instantiate(OmegaConf.load(CONF / "env" / f"{request.param}.yaml"))
+    environment = make_env(request.param)
     yield environment
     environment.close()
 

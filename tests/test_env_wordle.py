@@ -5,19 +5,17 @@ from __future__ import annotations
 import random
 
 import pytest
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from atlas.data.generate import expert_turns
 from atlas.envs import wordle
 from atlas.envs.base import Task
 from atlas.envs.wordle import GREEN, GREY, YELLOW, feedback
-from conftest import CONF
+from tests.helpers import make_env
 
 
 @pytest.fixture(scope="module")
 def env():
-    return instantiate(OmegaConf.load(CONF / "env" / "wordle.yaml"))
+    return make_env("wordle")
 
 
 def start(env, word: str) -> str:
@@ -115,7 +113,7 @@ def test_splits_disjoint_and_deterministic(env):
     assert len(train_words) + len(test_words) == len(wordle.ANSWERS)
     assert 0.15 < len(test_words) / len(wordle.ANSWERS) < 0.25
     assert env.tasks("test", 30, offset=7) == test[7:37]
-    other = instantiate(OmegaConf.load(CONF / "env" / "wordle.yaml"))
+    other = make_env("wordle")
     assert other.tasks("train", 50) == train[:50]
     first = env.reset(test[0]), env.secret
     assert (env.reset(test[0]), env.secret) == first

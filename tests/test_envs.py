@@ -8,11 +8,10 @@ import random
 import re
 
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from atlas.data.generate import expert_episode
-from conftest import CONF
+from tests.helpers import CONF, make_env
 
 # the environments played in process (remote.yaml and agentgym_*.yaml are played over HTTP:
 # tests/test_env_remote.py)
@@ -22,7 +21,7 @@ ENV_CONFIGS = sorted(p.stem for p in (CONF / "env").glob("*.yaml")
 
 @pytest.fixture(scope="module", params=ENV_CONFIGS)
 def env(request):
-    env = instantiate(OmegaConf.load(CONF / "env" / f"{request.param}.yaml"))
+    env = make_env(request.param)
     yield env
     env.close()
 

@@ -14,9 +14,9 @@ import pytest
 
 from atlas.data import read_trajectories
 from atlas.data.datamodule import load_trajectories, split_trajectories
-from atlas.fake_provider import FakeProvider
+from atlas.testing.fake_provider import FakeProvider
 from atlas.utils import one_line_errors
-from conftest import ROOT
+from tests.helpers import ROOT
 
 KEY = "sk-test-errors-0123456789abcdef"
 TINY = ["model=tiny_llama", "logger=csv", "eval_after_training=false"]

@@ -1,4 +1,4 @@
-"""atlas.fake_provider driven by the REAL pinned SDKs (openai==3.51.0, anthropic==2.10.0).
+"""atlas.testing.fake_provider driven by the REAL pinned SDKs (openai==3.51.0, anthropic==2.10.0).
 
 No network and no key: a dummy key is sent to a loopback server. The whole file runs in a few
 seconds (the slowest tests sleep 0.2-0.3 s on purpose)."""
@@ -17,7 +17,7 @@ import openai
 import pydantic
 import pytest
 
-from atlas.fake_provider import CRITERIA, FakeProvider, default_answer
+from atlas.testing.fake_provider import CRITERIA, FakeProvider, default_answer
 
 KEY = "sk-test-dummy-0000"
 PROMPT = "You are the oracle. The trajectory has 12 steps. Select at most 4 critical steps."

@@ -7,7 +7,7 @@ import pytest
 
 from atlas.data import DataFormatError, Message, Trajectory, read_trajectories, write_trajectories
 from atlas.data.formats import WRITABLE
-from conftest import ROOT
+from tests.helpers import ROOT
 
 REAL_FILES = [  # (file under ../shared/data, format)
     ("fireact/hotpotqa.jsonl", "openai"),

@@ -9,19 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from atlas.data.formats import read_trajectories, trajectory_to_record
 from atlas.data.generate import generate
 from atlas.envs.base import Task
-from conftest import CONF, ROOT
+from tests.helpers import CONF, ROOT, make_env
 
 DEFAULT_FILES = list(OmegaConf.load(CONF / "data" / "default.yaml").files)
 
 
 def load_env(name):
-    return instantiate(OmegaConf.load(CONF / "env" / f"{name}.yaml"))
+    return make_env(name)
 
 
 @pytest.fixture(scope="module", params=["maze", "babyai"])
@@ -91,7 +90,7 @@ def test_generate_is_deterministic(env):
 
 @pytest.mark.parametrize("name, cap", [("maze", 7), ("babyai", 5)])
 def test_generate_keeps_only_solved_episodes(name, cap):
-    env = instantiate(OmegaConf.load(CONF / "env" / f"{name}.yaml"), max_turns=cap)
+    env = make_env(name, max_turns=cap)
     kept, failed = generate(env, 24, mistake_fraction=0.5)
     env.close()
     assert 0 < len(kept) < 24 and len(kept) + failed == 24  # the turn cap fails the long ones

@@ -16,8 +16,8 @@ from hydra import compose, initialize_config_dir
 from atlas.data import encode
 from atlas.inspect import SUPERVISED, TAIL, run
 from atlas.utils import ConfigError
-from conftest import CONF, ROOT
-from test_masking import supervised_runs
+from tests.helpers import CONF, ROOT
+from tests.helpers import supervised_runs
 
 
 def _compose(tmp_path, *overrides):
@@ -112,7 +112,7 @@ def test_the_inspector_on_tool_calls(family):
     """Tool-calling trajectories under their templates (Qwen2.5's <tool_call> blocks, Llama-3.1's
     JSON): the marked text is what the masks supervise, calls included, at each granularity."""
     from atlas.inspect import inspect_trajectory
-    from test_tool_calls import generated, tool_tokenizer
+    from tests.helpers import generated, tool_tokenizer
 
     tok = tool_tokenizer(family)
     for t in generated(6, parallel=False, seed=3):

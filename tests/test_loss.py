@@ -9,18 +9,7 @@ from atlas.data import IGNORE_INDEX, encode, read_trajectories
 from atlas.data.datamodule import collate
 from atlas.model import load_model
 from atlas.module import masked_nll
-from conftest import CONF
-
-
-@pytest.fixture(scope="module")
-def tiny_model():
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.load(CONF / "model" / "tiny_llama.yaml")
-    torch.manual_seed(0)
-    model = load_model(**OmegaConf.to_container(cfg))
-    model.eval()
-    return model
+from tests.helpers import CONF
 
 
 @pytest.fixture(scope="module")
@@ -211,8 +200,8 @@ def test_packed_rows_give_the_loss_of_the_separate_examples(tiny_model, tokenize
 
 
 def test_training_with_packing(tmp_path):
-    from atlas.training import train
-    from conftest import compose_train
+    from atlas.jobs.train import train
+    from tests.helpers import compose_train
 
     summary = train(compose_train(tmp_path, "data.loader.packing=true",
                                   "data.loader.pack_length=4096", "trainer.max_epochs=1"))

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 
 from atlas.data import IGNORE_INDEX, MaskingError, Message, Trajectory, encode, read_trajectories
 from atlas.data.masking import StepOverflowError, tokenize_steps
-from conftest import FIXTURES, TOKENIZER
+from tests.helpers import TOKENIZER, supervised_runs, template_tokenizer
 
 # family -> (template file or None for the tokenizer's own, special tokens to add, bos, eot)
 FAMILIES = {
@@ -31,34 +31,6 @@ def family_tokenizer(family):
     """The shipped SmolLM2 tokenizer with a real template of another family and its specials."""
     template, specials, bos, _ = FAMILIES[family]
     return template_tokenizer(template, specials, bos)
-
-
-def template_tokenizer(template, specials, bos):
-    """The shipped SmolLM2 tokenizer with ``template`` (a fixture file, or None for its own),
-    ``specials`` added as special tokens and ``bos`` as its BOS token."""
-    tok = AutoTokenizer.from_pretrained(TOKENIZER)
-    if template:
-        tok.chat_template = (FIXTURES / "chat_templates" / template).read_text()
-    if specials:
-        tok.add_special_tokens({"additional_special_tokens": specials})
-    if bos:
-        tok.bos_token = bos
-    return tok
-
-
-def supervised_runs(example, tokenizer):
-    """Decoded contiguous runs of supervised tokens."""
-    runs, cur = [], []
-    for tok_id, label in zip(example.input_ids, example.labels):
-        if label != IGNORE_INDEX:
-            assert label == tok_id
-            cur.append(tok_id)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    if cur:
-        runs.append(cur)
-    return [tokenizer.decode(r, skip_special_tokens=False) for r in runs]
 
 
 def real_trajectories(shared_data):
@@ -266,7 +238,7 @@ def test_step_with_surrounding_whitespace_keeps_its_end_of_turn(family):
 def test_special_tokens_in_text_is_a_data_setting(tmp_path):
     from hydra.utils import instantiate
 
-    from conftest import compose_train
+    from tests.helpers import compose_train
 
     for value in ("error", "allow"):
         cfg = compose_train(tmp_path, f"data.special_tokens_in_text={value}")

@@ -53,7 +53,7 @@ def test_unknown_or_missing_embedded_model_is_explained(tmp_path, monkeypatch):
 def test_tokenizer_without_chat_template_is_refused(tmp_path):
     from transformers import AutoTokenizer
 
-    from conftest import TOKENIZER
+    from tests.helpers import TOKENIZER
 
     tok = AutoTokenizer.from_pretrained(TOKENIZER)
     tok.chat_template = None
@@ -66,8 +66,8 @@ def test_tokenizer_without_chat_template_is_refused(tmp_path):
 @pytest.mark.slow
 def test_demo_trains_real_smollm2_and_lowers_the_loss(tmp_path):
     """A few optimizer steps of the real model on the default data (~2 min on 2 cores)."""
-    from atlas.training import train
-    from conftest import compose_train
+    from atlas.jobs.train import train
+    from tests.helpers import compose_train
 
     cfg = compose_train(tmp_path, "model=smollm2_135m", "data.limit=24", "data.val_fraction=0.25",
                         "module.lr=1e-4", "trainer.accumulate_grad_batches=4")

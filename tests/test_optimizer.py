@@ -16,9 +16,9 @@ from atlas.data.datamodule import TrajectoryDataModule
 from atlas.data.formats import read_trajectories
 from atlas.model import load_model, load_tokenizer
 from atlas.module import AtlasLM, InBackwardOptimizer
-from atlas.training import train
+from atlas.jobs.train import train
 from atlas.utils import ConfigError
-from tests.conftest import compose_train
+from tests.helpers import compose_train
 
 
 def _fit(tmp_path, steps: int = 4, ckpt_path=None, checkpoint=False, data: int | None = None,

@@ -1,4 +1,4 @@
-"""Oracles against loopback servers that speak each provider's wire format (atlas/fake_provider):
+"""Oracles against loopback servers that speak each provider's wire format (atlas/testing/fake_provider.py):
 validation and re-asks, SDK retries, timeouts, the cache, batch APIs, keys kept out of files."""
 
 from __future__ import annotations
@@ -8,12 +8,12 @@ import json
 import pytest
 
 from atlas.data.formats import read_trajectories
-from atlas.fake_provider import FakeProvider
+from atlas.testing.fake_provider import FakeProvider
 from atlas.oracle import (AnthropicOracle, HeuristicOracle, HFOracle, InvalidAnswer,
                           JsonlCache, OpenAICompatibleOracle, OpenAIOracle, OracleError,
                           check_answer, prompt)
 from atlas.selection import CriticalSelector, num_selected
-from conftest import ROOT
+from tests.helpers import ROOT
 
 KEY = "sk-test-loopback-0123456789"
 PACKAGED = ROOT / "atlas" / "data" / "default"

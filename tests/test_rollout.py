@@ -10,14 +10,12 @@ import sys
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from atlas.data.generate import expert_episode
 from atlas.envs.maze import MazeEnv
 from atlas.evaluation import summarize
-from atlas.model import load_model
 from atlas.rollout import EnvPool, Policy, parse_action, run_episodes
-from conftest import CONF, ROOT
+from tests.helpers import CONF, ROOT, ScriptedPolicy, make_maze as _maze
 
 
 @pytest.mark.parametrize("text,action", [
@@ -36,18 +34,6 @@ from conftest import CONF, ROOT
 ])
 def test_parse_action(text, action):
     assert parse_action(text) == action
-
-
-@pytest.fixture(scope="module")
-def chatty_model():
-    """A tiny random Llama with large weights, so that its greedy text varies."""
-    torch.manual_seed(0)
-    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
 
 
 def test_cache_reuse_gives_the_same_responses_as_recomputing(chatty_model, tokenizer):
@@ -89,36 +75,11 @@ def test_cache_reuse_gives_the_same_responses_as_recomputing(chatty_model, token
     assert transcripts[True, None] == transcripts[False, None] == transcripts[True, 3]
 
 
-class ScriptedPolicy:
-    """Stands in for the LLM: answers each episode from a script (the loop is what is tested)."""
-
-    def __init__(self, scripts):
-        self.scripts = {k: list(v) for k, v in scripts.items()}
-        self.batches = []
-
-    def prompt_ids(self, chat, tools=None):
-        self.tools = tools
-        return [len(chat)]
-
-    def generate(self, prompts, keys):
-        self.batches.append(len(keys))
-        return [self.scripts[k].pop(0) if self.scripts[k] else "no idea" for k in keys]
-
-    def forget(self, key):
-        pass
-
-
 class CrashingMaze(MazeEnv):
     def step(self, action):
         if "south" in action:
             raise RuntimeError("engine died")
         return super().step(action)
-
-
-def _maze(cls=MazeEnv):
-    cfg = OmegaConf.to_container(OmegaConf.load(CONF / "env" / "maze.yaml"))
-    cfg.pop("_target_")
-    return cls(**cfg)
 
 
 def test_rollout_replays_expert_episodes_in_the_training_format():

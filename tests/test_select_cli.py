@@ -13,9 +13,9 @@ import time
 import pytest
 
 from atlas.data.formats import read_trajectories
-from atlas.fake_provider import FakeProvider
+from atlas.testing.fake_provider import FakeProvider
 from atlas.oracle import JsonlCache
-from conftest import ROOT
+from tests.helpers import ROOT
 
 KEY = "sk-test-SENTINEL-0123456789abcdef"
 

@@ -6,7 +6,7 @@ import pytest
 
 from atlas.data import read_trajectories
 from atlas.selection import FullSelector, RandomSelector, build_selector, num_selected
-from conftest import compose_train
+from tests.helpers import compose_train
 
 
 @pytest.mark.parametrize("ratio,n,k", [
@@ -60,7 +60,7 @@ def test_source_mask_limits_the_candidates(shared_data):
 from atlas.data.formats import read_trajectories as _read  # noqa: E402
 from atlas.selection import (Selection, apply_selections, saved_selections,  # noqa: E402
                              write_selection)
-from conftest import ROOT, compose_select  # noqa: E402
+from tests.helpers import ROOT, compose_select  # noqa: E402
 
 DEFAULT = ROOT / "atlas" / "data" / "default"
 RATIO_SELECTORS = ["random", "critical", "heuristic", "noncritical", "perplexity", "hybrid"]
@@ -194,7 +194,7 @@ def test_selection_file_records_and_exports_the_choice(tmp_path, mixed):
 def test_train_reuses_a_matching_selection_file(tmp_path, caplog):
     import logging
 
-    from atlas.training import train
+    from atlas.jobs.train import train
 
     caplog.set_level(logging.INFO, logger="atlas")
     common = ["selector=critical", "ratio=0.3", "trainer.max_steps=1"]
@@ -239,7 +239,7 @@ def test_counterfactual_ranks_steps_by_their_cost_in_the_simulator(tmp_path):
 @pytest.mark.parametrize("name", ["full", "random", "critical", "heuristic", "noncritical",
                                   "perplexity", "hybrid", "counterfactual"])
 def test_select_job_runs_every_selector(tmp_path, name):
-    from atlas.selection import run
+    from atlas.jobs.select import select as run
 
     summary = run(compose_select(tmp_path, f"selector={name}", "ratio=0.3"))
     assert summary["trajectories"] == 5 and summary["failed"] == 0  # 1 of 6 held out
@@ -252,7 +252,7 @@ def test_select_job_runs_every_selector(tmp_path, name):
 @pytest.mark.parametrize("name", ["critical", "heuristic", "noncritical", "perplexity", "hybrid",
                                   "counterfactual"])
 def test_train_runs_with_each_selector(tmp_path, name):
-    from atlas.training import train
+    from atlas.jobs.train import train
 
     summary = train(compose_train(tmp_path, f"selector={name}", "ratio=0.3", "trainer.max_steps=1"))
     assert summary["selector"] == name and summary["global_step"] == 1

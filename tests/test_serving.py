@@ -14,13 +14,12 @@ import re
 import pytest
 from hydra import compose, initialize_config_dir
 
-from atlas.evaluation import run as evaluate_run
+from atlas.jobs.evaluate import evaluate as evaluate_run
 from atlas.rollout import EnvPool, Policy, run_episodes
 from atlas.serving import InferenceServer, ReferenceServer, ServerError, ServerPolicy
 from atlas.utils import ConfigError
-from conftest import CONF
-from test_rollout import _maze, chatty_model  # noqa: F401 - a fixture
-
+from tests.helpers import CONF
+from tests.helpers import make_maze as _maze
 
 CHATS = [[{"role": "system", "content": "You are an agent."},
           {"role": "user", "content": "Task: go north " * (i + 1)}] for i in range(4)]
@@ -71,15 +70,6 @@ def _compose(tmp_path, *overrides):
         return compose("evaluate", overrides=[
             "model=tiny_llama", "eval=smoke", "logger=none", "eval.steps.tasks=0",
             "eval.episodes=2", f"paths.output_dir={tmp_path}", *overrides])
-
-
-@pytest.fixture(scope="module")
-def checkpoint(chatty_model, tokenizer, tmp_path_factory):
-    """The chatty model saved as train.py saves one (model/ with its tokenizer)."""
-    path = tmp_path_factory.mktemp("run") / "model"
-    chatty_model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def test_evaluate_starts_the_server_from_its_command_and_stops_it(tmp_path, checkpoint):

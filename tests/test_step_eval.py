@@ -18,7 +18,7 @@ from atlas.data.masking import tokenize_steps
 from atlas.evaluation import environments, evaluate
 from atlas.model import load_model
 from atlas.rollout import ActionFormat, Policy
-from conftest import CONF, ROOT
+from tests.helpers import CONF, ROOT
 
 
 def _eval_cfg(*overrides):
@@ -30,18 +30,6 @@ def _eval_cfg(*overrides):
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("ATLAS_CACHE_DIR", str(tmp_path / "cache"))
     return tmp_path / "cache"
-
-
-@pytest.fixture(scope="module")
-def chatty_model():
-    """A tiny random Llama with large weights, so that its greedy text varies."""
-    torch.manual_seed(0)
-    model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0, 0.3)
-    return model
 
 
 @pytest.mark.parametrize("env,action,canonical", [
@@ -191,6 +179,23 @@ def test_shared_prefix_decoder_equals_generating_each_prompt_alone(chatty_model,
     assert wide.decode([("h", history, kv, prompts)]) == {k: v for k, v in out.items() if k[0] == "h"}
     if lora:
         model.unload()
+
+
+@pytest.mark.gpu
+def test_step_scoring_on_cuda_equals_scoring_on_the_cpu(chatty_model, tokenizer, tmp_path):
+    """On a CUDA device (where the decoder's attention runs in plain tensor ops instead of the
+    CPU's fused flash kernel) every step's greedy turn and NLL equal those on the CPU."""
+    import copy
+
+    items = _items(tmp_path)
+    on_cpu = step_eval.score(chatty_model, tokenizer, items, batch_size=3, max_new_tokens=12)
+    model = copy.deepcopy(chatty_model).to("cuda")
+    assert step_eval.SharedPrefixDecoder.supports(model)
+    on_gpu = step_eval.score(model, tokenizer, items, batch_size=3, max_new_tokens=12)
+    assert len(on_gpu) == len(on_cpu) > 10
+    for a, b in zip(on_cpu, on_gpu):
+        assert (a["task"], a["step"], a["response"]) == (b["task"], b["step"], b["response"])
+        assert a["nll"] == pytest.approx(b["nll"], abs=1e-3)
 
 
 def test_models_with_sliding_windows_are_decoded_by_the_policy():

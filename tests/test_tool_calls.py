@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from atlas.data import DataFormatError, MaskingError, Message, Trajectory, encode, read_trajectories
 from atlas.data.formats import trajectory_to_record, write_trajectories
 from atlas.data.trajectory import ToolCall
-from conftest import FIXTURES, TOKENIZER, compose_train
-from test_masking import supervised_runs, template_tokenizer
+from tests.helpers import (FIXTURES, TOKENIZER, TOOL_FAMILIES, compose_train, generated,
+                           supervised_runs, tool_tokenizer)
 
 CALLS = FIXTURES / "tool_calls"
 
@@ -162,20 +162,6 @@ def test_bad_tool_input_names_file_line_and_field(tmp_path, record, where, messa
 
 # ---------------------------------------------------------------------------------------- masks
 
-TOOL_FAMILIES = {
-    # template, special tokens, bos, end of turn, parallel calls allowed
-    "qwen2_5": ("qwen2_5.jinja", [], None, "<|im_end|>", True),
-    "llama3_1": ("llama3_1.jinja", ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                                    "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"],
-                 "<|begin_of_text|>", "<|eot_id|>", False),
-}
-
-
-def tool_tokenizer(family):
-    template, specials, bos, _, _ = TOOL_FAMILIES[family]
-    return template_tokenizer(template, specials, bos)
-
-
 def reference(family, m: Message) -> str:
     """How each family's published template writes a step, written out by hand from its format
     (Qwen2.5: text, then one <tool_call> JSON block per call; Llama-3.1: one
@@ -189,39 +175,6 @@ def reference(family, m: Message) -> str:
         [c] = m.tool_calls
         return f'{{"name": "{c.name}", "parameters": {args(c)}}}<|eot_id|>'
     return m.content.strip() + "<|eot_id|>"
-
-
-TOOLS = [{"type": "function", "function": {"name": n, "description": f"The {n} tool.",
-                                           "parameters": {"type": "object", "properties": {}}}}
-         for n in ("get_order", "search_flights", "café_menu", "run")]
-
-
-def generated(n: int, parallel: bool, seed: int = 0) -> list[Trajectory]:
-    """Random tool-calling trajectories: text steps, calls, text with calls, (parallel calls),
-    results with quotes, newlines and non-ASCII text; some calls left without a result."""
-    rng = random.Random(seed)
-    values = ['plain', 'with "quotes"', "two\nlines", "naïve café ☕", "", "{not json}", "a\\b"]
-    out = []
-    for i in range(n):
-        msgs = [Message("user", f"Task {i}: {rng.choice(values)}")]
-        for k in range(rng.randint(1, 4)):
-            kind = rng.choice(["text", "call", "text+call"] + ["parallel"] * parallel)
-            calls = [] if kind == "text" else [
-                ToolCall(rng.choice(TOOLS)["function"]["name"],
-                         {"q": rng.choice(values), "n": rng.randint(0, 99),
-                          "nested": {"tags": [rng.choice(values)]}}, id=f"call_{i}_{k}_{j}")
-                for j in range(2 if kind == "parallel" else 1)]
-            text = "" if kind == "call" else f"Thought: step {k}, {rng.choice(values)}".strip()
-            msgs.append(Message("assistant", text, tool_calls=calls))
-            for c in calls:
-                if rng.random() < 0.9:
-                    msgs.append(Message("tool", json.dumps({"result": rng.choice(values)}),
-                                        tool_call_id=c.id, name=c.name))
-            if not calls:
-                msgs.append(Message("user", f"Observation: {rng.choice(values)}"))
-        out.append(Trajectory(f"gen{i}", "e", msgs, system="You are a tool-using agent.",
-                              tools=TOOLS))
-    return out
 
 
 def tool_cases(family):
@@ -310,7 +263,7 @@ def tool_tokenizer_dir(tmp_path, family="qwen2_5"):
 
 
 def test_train_on_openai_tool_calls_and_the_exported_selection_round_trips(tmp_path):
-    from atlas.training import train
+    from atlas.jobs.train import train
 
     out = tmp_path / "run"
     cfg = compose_train(out, f"data.files=[{CALLS / 'openai.jsonl'}]", "data.format=openai",
@@ -334,7 +287,7 @@ def test_train_on_openai_tool_calls_and_the_exported_selection_round_trips(tmp_p
 
 
 def test_train_with_tools_as_text_on_a_template_without_tools(tmp_path):
-    from atlas.training import train
+    from atlas.jobs.train import train
 
     cfg = compose_train(tmp_path, f"data.files=[{CALLS / 'adp.jsonl'}]", "data.val_fraction=0",
                         "selector=random", "ratio=0.5", "data.tools_as_text=true")
@@ -371,7 +324,7 @@ def _env(name):
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from conftest import ROOT
+    from tests.helpers import ROOT
 
     return instantiate(OmegaConf.load(ROOT / "conf" / "env" / f"{name}.yaml"))
 
@@ -394,7 +347,7 @@ def test_rollouts_by_function_calling_replay_the_expert_in_the_tools_form(env_na
     the tools form, call ids and tool results included."""
     from atlas.data.generate import expert_episode
     from atlas.rollout import ActionFormat, EnvPool, run_episodes
-    from test_rollout import ScriptedPolicy
+    from tests.helpers import ScriptedPolicy
 
     env = _env(env_name)
     actions = ActionFormat("tools", tools_as_text=style == "text_form")
@@ -423,7 +376,7 @@ def test_rollouts_by_function_calling_replay_the_expert_in_the_tools_form(env_na
 
 def test_a_malformed_call_is_answered_as_an_observation():
     from atlas.rollout import TOOL_HINT, ActionFormat, EnvPool, run_episodes
-    from test_rollout import ScriptedPolicy
+    from tests.helpers import ScriptedPolicy
 
     env = _env("maze")
     [task] = env.tasks("test", 1)
@@ -442,7 +395,7 @@ def test_step_evaluation_reads_calls_as_actions():
 
     from atlas import step_eval
     from atlas.rollout import ActionFormat
-    from conftest import ROOT
+    from tests.helpers import ROOT
 
     envs = {"maze": ("held_out", OmegaConf.load(ROOT / "conf" / "env" / "maze.yaml"))}
     cfg = OmegaConf.create({"tasks": 2, "seed": 0, "mistake_fraction": 0.0, "criteria_ratio": 0.3})
@@ -490,7 +443,7 @@ def test_anthropic_tool_use_blocks(caplog):
 def test_counterfactual_costs_are_the_same_in_the_tools_form(env_name, tid):
     from atlas.counterfactual import step_costs
     from atlas.rollout import ActionFormat
-    from conftest import ROOT
+    from tests.helpers import ROOT
 
     env = _env(env_name)
     data = read_trajectories(ROOT / "atlas" / "data" / "default" / f"{env_name}.jsonl")
@@ -617,8 +570,8 @@ def test_shared_prefix_decoder_stops_a_row_once_its_call_is_written(tokenizer, t
 
     from atlas.model import load_model
     from atlas.rollout import ActionFormat
-    from atlas.step_eval import SharedPrefixDecoder, _Row
-    from conftest import CONF
+    from atlas.prefix_decoding import SharedPrefixDecoder, _Row
+    from tests.helpers import CONF
 
     model = load_model(config=OmegaConf.load(CONF / "model" / "tiny_llama.yaml").config)
     decoder = SharedPrefixDecoder(model, tokenizer, complete=ActionFormat("tools").complete)

@@ -14,9 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from atlas.data import read_trajectories
 from atlas.selection import num_selected
-from atlas.training import train
+from atlas.jobs.train import train
 from atlas.utils import ConfigError, redact
-from conftest import ROOT, compose_train
+from tests.helpers import ROOT, compose_train
 
 
 def test_train_saves_a_loadable_model_and_the_selection(tmp_path):
@@ -447,7 +447,7 @@ def test_ranks_above_zero_wait_for_rank_zeros_selection(tmp_path):
     when it is ready; a rank 0 that never writes it ends the wait with a clear error."""
     import threading
 
-    from atlas.training import wait_for_file
+    from atlas.jobs.train import wait_for_file
     from atlas.utils import atomic_write
 
     target = tmp_path / "selection.jsonl"

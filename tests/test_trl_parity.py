@@ -10,7 +10,7 @@ from atlas.data.datamodule import collate
 from atlas.data.masking import encode
 from atlas.model import load_model, load_tokenizer
 from atlas.module import AtlasLM
-from conftest import CONF, ROOT, TOKENIZER
+from tests.helpers import CONF, ROOT, TOKENIZER
 
 sys.path.insert(0, str(ROOT / "bench"))
 

@@ -18,7 +18,7 @@ from transformers.trainer_pt_utils import get_length_grouped_indices
 
 from atlas.data.formats import read_trajectories
 from atlas.data.masking import (IGNORE_INDEX, Example, MaskingError, NothingToSuperviseError,
-                                 StepOverflowError, encode)
+                                 Overflow, StepOverflowError, encode)
 from atlas.data.trajectory import Trajectory
 from atlas.utils import ConfigError
 
@@ -188,7 +188,7 @@ class TrajectoryDataModule(L.LightningDataModule):
         self.tools_as_text = tools_as_text
         self.train_trajectories, self.val_trajectories = train, val
         self.tokenizer = tokenizer
-        self.max_length, self.overflow = max_length, overflow
+        self.max_length, self.overflow = max_length, Overflow.of(overflow, "data.loader.overflow")
         self.special_tokens_in_text = special_tokens_in_text
         self.batch_size, self.num_workers = batch_size, num_workers
         if pack_length is not None and pack_length < 1:

@@ -32,6 +32,10 @@ A record without an id (``openai`` always, ``sharegpt`` often) gets ``t-<hash of
 its id, and the validation split chosen by hashing ids, do not move when the file is renamed or
 re-exported. Every reader names the file, the line (or record) and the field of malformed input;
 every writer writes atomically, so a crash never leaves a half-written file.
+
+Size: one reader and one writer per format (atlas, AgentGym, OpenAI, ShareGPT, Anthropic, ADP)
+stay in one module because they share the record checks and the file:line:field errors; a
+format is a pair of functions, not a module.
 """
 
 from __future__ import annotations

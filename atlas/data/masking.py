@@ -53,14 +53,35 @@ from jinja2 import TemplateError
 
 from atlas.data.trajectory import Trajectory
 from atlas.envs.base import action_start
-from atlas.utils import UserError
+from atlas.utils import Choice, UserError
 
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-OVERFLOW = ("drop_steps", "error")
-GRANULARITIES = ("step", "action", "thought")
-SPECIAL_TOKENS_IN_TEXT = ("error", "warn", "allow")
+
+
+class Overflow(Choice):
+    """What happens to a selected step past ``max_length``: left out (logged), or an error."""
+
+    DROP_STEPS = "drop_steps"
+    ERROR = "error"
+
+
+class Granularity(Choice):
+    """Which part of a chosen step is supervised: all of it, its action, or its thought."""
+
+    STEP = "step"
+    ACTION = "action"
+    THOUGHT = "thought"
+
+
+class ControlStrings(Choice):
+    """What a step whose text holds a control string (``<|im_end|>``) gets: an error, a warning,
+    or nothing (``data.special_tokens_in_text``)."""
+
+    ERROR = "error"
+    WARN = "warn"
+    ALLOW = "allow"
 
 
 class MaskingError(UserError, ValueError):
@@ -242,9 +263,7 @@ def tokenize_steps(trajectory: Trajectory, tokenizer,
     Raises:
         MaskingError: naming the trajectory and step, when a step cannot be located exactly.
     """
-    if special_tokens_in_text not in SPECIAL_TOKENS_IN_TEXT:
-        raise ValueError(f"data.special_tokens_in_text must be one of {SPECIAL_TOKENS_IN_TEXT}, "
-                         f"got {special_tokens_in_text!r}")
+    special_tokens_in_text = ControlStrings.of(special_tokens_in_text, "data.special_tokens_in_text")
     if not getattr(tokenizer, "is_fast", False):
         raise MaskingError("per-step masks need a fast tokenizer (character offsets)")
     name = _name(trajectory)
@@ -396,10 +415,8 @@ def encode(trajectory: Trajectory, tokenizer, max_length: int | None = None,
         MaskingError: the example would have no supervised token, or a step overflows with
             ``overflow="error"``.
     """
-    if overflow not in OVERFLOW:
-        raise ValueError(f"overflow must be one of {OVERFLOW}, got {overflow!r}")
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    overflow = Overflow.of(overflow, "overflow")
+    granularity = Granularity.of(granularity, "granularity")
     tok = tokenize_steps(trajectory, tokenizer, special_tokens_in_text)
     selected = trajectory.selected_steps
     dropped: list[int] = []

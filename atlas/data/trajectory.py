@@ -188,7 +188,14 @@ class Trajectory:
 
     @property
     def selected_steps(self) -> list[int]:
+        """The steps whose ``selected`` flag is set: once a selection is applied, the chosen ones."""
         return [s.index for s in self.steps if s.selected]
+
+    @property
+    def candidate_steps(self) -> list[int]:
+        """The steps a selector may choose: before a selection is applied, the same flags mark
+        the steps the source file lets train (all of them, unless it says otherwise)."""
+        return self.selected_steps
 
     def fingerprint(self) -> str:
         """A hash of the content a selection depends on: system prompt, turns, and which steps

@@ -27,7 +27,15 @@ import random
 import re
 from dataclasses import dataclass
 
-SPLITS = ("train", "test")
+from atlas.utils import Choice
+
+
+class Split(Choice):
+    """Which tasks: those the expert data comes from, or the test tasks (never the same)."""
+
+    TRAIN = "train"
+    TEST = "test"
+
 
 # ScienceWorld and TextWorld-Express talk to their JVMs through py4j, which logs every socket
 # it opens at INFO level into the job's log.
@@ -181,8 +189,7 @@ class Environment(abc.ABC):
     # ---- tasks -------------------------------------------------------------------------------
     def tasks(self, split: str, n: int, offset: int = 0) -> list[Task]:
         """``n`` tasks of ``split``, cycling through the task families (deterministic)."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        Split.of(split, "split")
         out = []
         for i in range(offset, offset + n):
             name = self.task_names[i % len(self.task_names)]

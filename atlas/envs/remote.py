@@ -33,6 +33,9 @@ the evaluation goes on; a server found down fails later requests at once for a m
 action before failing to answer applies it twice (AgentGym's servers have no request ids).
 At most ``concurrency`` requests are in flight to one server URL at a time, over one pool of
 connections that the last environment's ``close()`` ends.
+
+Size: the six AgentGym clients' conversations and wire formats are tables and short readers in
+this one module, beside the one HTTP client they share.
 """
 
 from __future__ import annotations

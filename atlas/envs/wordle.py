@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from atlas.envs.base import SPLITS, Environment, Feedback, Task, stable_hash, tool
+from atlas.envs.base import Environment, Feedback, Split, Task, stable_hash, tool
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "wordle"
 GREY, YELLOW, GREEN = 0, 1, 2
@@ -141,8 +141,7 @@ class WordleEnv(Environment):
         self.secret, self.history, self.turns, self.done = "", [], 0, True
 
     def seed_for(self, name: str, split: str, index: int) -> int:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        Split.of(split, "split")
         seeds = _split_seeds(split)
         return seeds[index % len(seeds)]
 

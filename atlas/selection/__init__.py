@@ -33,7 +33,7 @@ its file and its reuse). Everything callers use is exported here (configs name
 ``atlas.selection.CriticalSelector``...).
 """
 
-from atlas.selection.record import (MAX_FAILED_FRACTION, ON_FAILURE, Selection, SelectionFailed,
+from atlas.selection.record import (MAX_FAILED_FRACTION, OnFailure, Selection, SelectionFailed,
                                     apply_selections, log_failures, saved_selections,
                                     select_steps, summarize, write_selection)
 from atlas.selection.selectors import (CounterfactualSelector, CriticalSelector, FullSelector,
@@ -42,7 +42,7 @@ from atlas.selection.selectors import (CounterfactualSelector, CriticalSelector,
                                        Selector, build_selector, draw, num_selected)
 
 __all__ = ["CounterfactualSelector", "CriticalSelector", "FullSelector", "HybridSelector",
-           "MAX_FAILED_FRACTION", "NonCriticalSelector", "ON_FAILURE", "OracleSelector",
+           "MAX_FAILED_FRACTION", "NonCriticalSelector", "OnFailure", "OracleSelector",
            "PerplexitySelector", "RandomSelector", "ScoredSelector", "Selection",
            "SelectionFailed", "Selector", "apply_selections", "build_selector", "draw",
            "log_failures", "num_selected", "saved_selections", "select_steps", "summarize",

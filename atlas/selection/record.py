@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from atlas.data.trajectory import Trajectory
-from atlas.utils import ConfigError, UserError
+from atlas.utils import Choice, UserError
 
 if TYPE_CHECKING:
     from atlas.selection.selectors import Selector
 
 log = logging.getLogger(__name__)
 
-ON_FAILURE = ("skip", "error")
+
+class OnFailure(Choice):
+    """What a run does with trajectories whose selection failed: leaves them out, or stops."""
+
+    SKIP = "skip"
+    ERROR = "error"
+
+
 #: default share of trajectories whose selection may fail before a run stops
 MAX_FAILED_FRACTION = 0.2
 
@@ -114,7 +121,7 @@ def saved_selections(trajectories: Sequence[Trajectory], saved: Sequence[Traject
         recorded = {k: v for k, v in s.items() if k in Selection.__dataclass_fields__ and k not in
                     ("trajectory_id", "fingerprint", "signature", "k", "steps", "cached")}
         try:  # the same checks as a fresh choice: candidates only, at most k
-            out.append(selector._selection(t, selector.k(len(t.selected_steps)), s["steps"],
+            out.append(selector._selection(t, selector.k(len(t.candidate_steps)), s["steps"],
                                            cached=True, **recorded))
         except (RuntimeError, TypeError) as e:
             return None, f"trajectory {t.id}: {e}"
@@ -129,8 +136,7 @@ def log_failures(selections: Sequence[Selection], on_failure: str = "skip",
                  max_failed_fraction: float = 1.0, record: str = "the selection file") -> None:
     """Say loudly which trajectories have no valid selection. Raise :class:`SelectionFailed`
     under ``on_failure=error``, or when more than ``max_failed_fraction`` of them failed."""
-    if on_failure not in ON_FAILURE:
-        raise ConfigError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+    on_failure = OnFailure.of(on_failure, "selector.on_failure")
     failed = [s for s in selections if not s.ok]
     if not failed:
         return

@@ -1,5 +1,8 @@
 """The selectors: which steps of each trajectory are supervised (``conf/selector/``), with
 the step budget ``k(ratio, n)`` they all share.
+
+Size: every selector is a short subclass of one base class, and the oracle and metric
+families share their parent here.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from atlas.data.trajectory import Trajectory
-from atlas.selection.record import (MAX_FAILED_FRACTION, ON_FAILURE, Selection, apply_selections,
+from atlas.selection.record import (MAX_FAILED_FRACTION, OnFailure, Selection, apply_selections,
                                     log_failures)
 from atlas.utils import ConfigError
 
 log = logging.getLogger(__name__)
+
 
 def draw(seed: int, trajectory: Trajectory) -> random.Random:
     """The random source of a trajectory's choice: (seed, trajectory id), so a draw does not
@@ -42,12 +46,9 @@ def build_selector(cfg) -> tuple["Selector", str]:
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from atlas.data.masking import GRANULARITIES
+    from atlas.data.masking import Granularity
 
-    granularity = cfg.get("granularity", "step")
-    if granularity not in GRANULARITIES:
-        raise ConfigError(f"selector.granularity must be one of {', '.join(GRANULARITIES)}, "
-                          f"got {granularity!r}")
+    granularity = Granularity.of(cfg.get("granularity", "step"), "selector.granularity")
     # resolved (``${oracle}``, ``${ratio}``), without the key, the config left as it is
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("granularity", None)
@@ -66,8 +67,7 @@ class Selector:
     def __init__(self, ratio: float = 1.0, on_failure: str = "skip",
                  max_failed_fraction: float = MAX_FAILED_FRACTION):
         num_selected(ratio, 1)  # validates the ratio up front, before any work
-        if on_failure not in ON_FAILURE:
-            raise ConfigError(f"selector.on_failure must be one of {ON_FAILURE}, got {on_failure!r}")
+        on_failure = OnFailure.of(on_failure, "selector.on_failure")
         if isinstance(max_failed_fraction, bool) or not isinstance(max_failed_fraction, (int, float)) \
                 or not 0.0 <= max_failed_fraction <= 1.0:
             raise ConfigError(f"selector.max_failed_fraction must be a number in [0, 1], got "
@@ -87,7 +87,7 @@ class Selector:
     def selections(self, trajectories: Sequence[Trajectory]) -> list[Selection]:
         out = []
         for t in trajectories:
-            candidates = t.selected_steps
+            candidates = t.candidate_steps
             k = self.k(len(candidates))
             chosen = self.choose(t, candidates, k) if candidates else []
             out.append(self._selection(t, k, chosen))
@@ -111,7 +111,7 @@ class Selector:
         raise NotImplementedError
 
     def _selection(self, t: Trajectory, k: int, steps: list[int], **fields: Any) -> Selection:
-        candidates = set(t.selected_steps)
+        candidates = set(t.candidate_steps)
         if not set(steps) <= candidates or len(set(steps)) != len(steps) or len(steps) > k:
             raise RuntimeError(f"{self.name} chose steps {steps} in trajectory {t.id}: "
                                f"not {k} distinct candidates out of {sorted(candidates)}")
@@ -173,15 +173,15 @@ class OracleSelector(Selector):
     def judgements(self, trajectories: Sequence[Trajectory]) -> list:
         """The oracle's judgement of each trajectory (None for one without candidate steps:
         there is nothing to ask)."""
-        asked = [t for t in trajectories if t.selected_steps]
-        candidates = [t.selected_steps for t in asked]
+        asked = [t for t in trajectories if t.candidate_steps]
+        candidates = [t.candidate_steps for t in asked]
         judged = iter(self.oracle.judge(asked, candidates, [self.k(len(c)) for c in candidates]))
         self.last_run = dict(self.oracle.last_run)
-        return [next(judged) if t.selected_steps else None for t in trajectories]
+        return [next(judged) if t.candidate_steps else None for t in trajectories]
 
     def _from_judgement(self, t: Trajectory, j, steps: list[int] | None = None,
                         **fields: Any) -> Selection:
-        k = self.k(len(t.selected_steps))
+        k = self.k(len(t.candidate_steps))
         if j is None:
             return self._selection(t, k, [])
         spent = {"plan": j.plan, "subgoals": j.subgoals, "input_tokens": j.input_tokens,
@@ -233,8 +233,8 @@ class NonCriticalSelector(OracleSelector):
             if j is None or not j.ok:
                 out.append(self._from_judgement(t, j))
                 continue
-            rest = [s for s in t.selected_steps if s not in set(j.steps)]
-            k = self.k(len(t.selected_steps))
+            rest = [s for s in t.candidate_steps if s not in set(j.steps)]
+            k = self.k(len(t.candidate_steps))
             short += len(rest) < k
             steps = sorted(draw(self.seed, t).sample(rest, min(k, len(rest))))
             out.append(self._from_judgement(t, j, steps))
@@ -297,7 +297,7 @@ class ScoredSelector(Selector):
 
     def rank(self, trajectory: Trajectory, scores: list[float | None]) -> list[int]:
         """Candidate steps, best first: highest score, unscorable last, ties by the draw."""
-        candidates = trajectory.selected_steps
+        candidates = trajectory.candidate_steps
         order = draw(self.seed, trajectory).sample(candidates, len(candidates))
         tiebreak = {s: i for i, s in enumerate(order)}
         return sorted(candidates, key=lambda s: (scores[s] is None, -(scores[s] or 0.0),
@@ -306,7 +306,7 @@ class ScoredSelector(Selector):
     def selections(self, trajectories):
         out = []
         for t, scores in zip(trajectories, self.scores(trajectories)):
-            k = self.k(len(t.selected_steps))
+            k = self.k(len(t.candidate_steps))
             out.append(self._selection(t, k, self.rank(t, scores)[:k], scores=scores))
         return out
 
@@ -450,7 +450,7 @@ class HybridSelector(OracleSelector):
             if j is None or not j.ok:
                 out.append(self._from_judgement(t, j))
                 continue
-            candidates = t.selected_steps
+            candidates = t.candidate_steps
             k = self.k(len(candidates))
             marked = dict(zip(j.steps, zip(j.criteria, j.reasons)))
             order = sorted(candidates, key=lambda s: (scores[s] is not None, scores[s] or 0.0))

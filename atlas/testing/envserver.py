@@ -1,4 +1,4 @@
-"""A loopback environment server for the tests: one of atlas's environments behind AgentGym's
+"""A loopback environment server (a test double): one of atlas's environments behind AgentGym's
 HTTP protocol (``POST /create``, ``/reset {"id", "data_idx"}``, ``/step {"id", "action"}``,
 ``/close``), with faults on demand.
 

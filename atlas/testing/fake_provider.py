@@ -1,6 +1,6 @@
 """A loopback fake of the OpenAI and Anthropic HTTP APIs, for tests, ``bench/`` and dry runs.
 
-The oracle clients (``atlas/oracle.py``) talk to real providers through the official SDKs. Those
+The oracle clients (``atlas/oracle/``) talk to real providers through the official SDKs. Those
 SDKs now ship their own HTTP stack (``httpx2``), which ``respx`` cannot intercept, so instead of
 mocking the transport we run a tiny real HTTP server on ``127.0.0.1`` that speaks both wire
 formats well enough for the pinned SDKs (openai==3.51.0, anthropic==2.10.0) to parse every
@@ -59,6 +59,9 @@ SDK quirks found while building this against openai==3.51.0 / anthropic==2.10.0
   ``request_counts`` with ``processing, succeeded, errored, canceled, expired``.
 * Anthropic error bodies are ``{"type": "error", "error": {"type", "message"}}``; the SDK picks a
   finer exception class from ``error.details.error_code`` when present (we never send it).
+
+Size: two providers' wire formats (chat completions, messages, files and batches) with their
+fault scripting; a test double, not product code.
 """
 
 from __future__ import annotations

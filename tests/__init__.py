@@ -1,0 +1,1 @@
+"""atlas's test suite: fixtures in ``conftest.py``, shared helpers in ``helpers.py``."""
