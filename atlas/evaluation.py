@@ -216,6 +216,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     envs = environments(eval_cfg)
     episodes_per_env = {name: per_environment(eval_cfg.episodes or 0, name, group, "eval.episodes")
                         for name, (group, _) in envs.items()}
+    played = {name: env for name, env in envs.items() if episodes_per_env[name]}
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None
@@ -227,14 +228,11 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
             log.warning("eval.steps: no environment of the suite has an expert to write test "
                         "trajectories: rollouts only")
     episodes: list[Episode] = []
-    if any(episodes_per_env.values()):
+    if played:
         if step_records is not None:  # kept should the rollouts fail
             atomic_write(out / "results.json", json.dumps(results, indent=2))
-        episodes = _rollouts(model, tokenizer, eval_cfg,
-                             {n: e for n, e in envs.items() if episodes_per_env[n]}, out, served,
-                             episodes_per_env)
-        played = {n: g for n, g in groups.items() if episodes_per_env[n]}
-        results.update(summarize(episodes, played))
+        episodes = _rollouts(model, tokenizer, eval_cfg, played, out, served, episodes_per_env)
+        results.update(summarize(episodes, {name: groups[name] for name in played}))
         results["episodes_file"] = str((out / "episodes.jsonl").resolve())
     results.update({"split": eval_cfg.split,
                     "config": OmegaConf.to_container(eval_cfg, resolve=True)})

@@ -52,7 +52,7 @@ from atlas.data.formats import read_trajectories, write_trajectories
 from atlas.data.masking import tokenize_steps
 from atlas.data.trajectory import Trajectory
 from atlas.prefix_decoding import SharedPrefixDecoder
-from atlas.rollout import ActionFormat, Policy, has_complete_action
+from atlas.rollout import ActionFormat, Policy, common_prefix, has_complete_action
 from atlas.stats import Ratio
 from atlas.utils import per_environment
 
@@ -158,10 +158,7 @@ class _SharedOpening:
                 continue
             if env not in first:
                 first[env], self.length[env] = it.ids, end
-            n = 0
-            while n < min(self.length[env], end) and first[env][n] == it.ids[n]:
-                n += 1
-            self.length[env] = n
+            self.length[env] = min(self.length[env], common_prefix(first[env], it.ids[:end + 1]))
         self.ids = first
         self.kv: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.reused_tokens = 0

@@ -231,8 +231,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tokenizer = load_tokenizer(cfg.model.tokenizer or cfg.model.name)
             datamodule, stats, selection_stats = _masked_examples(cfg, data, tokenizer)
             # 4. Lightning training
-            module, trainer, logger = _trainer(cfg, data, stats, tokenizer)
-            summary = {"choices": _choices(), "selector": data.selector.name, "ratio": cfg.ratio,
+            choices = _choices()
+            module, trainer, logger = _trainer(cfg, data, stats, tokenizer, choices)
+            summary = {"choices": choices, "selector": data.selector.name, "ratio": cfg.ratio,
                        "granularity": data.granularity, "seed": cfg.seed, "selection": stats,
                        "criteria": selection_stats["criteria"], "oracle_run": data.selector.last_run}
             if cfg.get("validate_before_training") and datamodule.val_examples \
@@ -297,14 +298,14 @@ def _masked_examples(cfg: DictConfig, data: TrainingData, tokenizer):
     return datamodule, stats, selection_stats
 
 
-def _trainer(cfg: DictConfig, data: TrainingData, stats: dict[str, Any], tokenizer):
+def _trainer(cfg: DictConfig, data: TrainingData, stats: dict[str, Any], tokenizer,
+             choices: dict[str, str]):
     """Stage 4's setup: the Lightning module around the model (PEFT applied), the logger (W&B
     runs grouped and tagged by the sweep's factors), the trainer, and the config logged once."""
     peft_config = instantiate(cfg.peft) if cfg.get("peft") else None
     model = load_model(**cfg.model, peft=peft_config)
     module = instantiate(cfg.module, _partial_=True)(model=model)
     overrides, sweep_dir = _hydra_job()
-    choices = _choices()
     logger = False
     if cfg.get("logger"):
         wandb = cfg.logger.get("_target_", "").endswith("WandbLogger")
