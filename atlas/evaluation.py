@@ -31,6 +31,7 @@ import logging
 import os
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,28 @@ def environments(eval_cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
             raise ConfigError(f"action_format={kind}: environment {name} (eval.{group}) is played "
                               f"only with action_format={'|'.join(formats)}")
     return envs
+
+
+def episode_tasks(eval_cfg: DictConfig, envs: dict[str, tuple[str, DictConfig]]
+                  ) -> dict[str, list[str]]:
+    """``eval.episode_tasks``: by environment name, the task families its rollouts draw from
+    instead of its own ``tasks`` (the step-level evaluation keeps those)."""
+    setting = eval_cfg.get("episode_tasks") or {}
+    if not isinstance(setting, Mapping):
+        raise ConfigError(f"eval.episode_tasks must map environment names to lists of task "
+                          f"families, got {_plain(setting)!r}")
+    out = {}
+    for name, families in setting.items():
+        key = f"eval.episode_tasks.{name}"
+        if name not in envs:
+            raise ConfigError(f"{key}: no environment {name!r} in the suite (it has "
+                              f"{', '.join(envs)})")
+        if (isinstance(families, str) or not isinstance(families, Sequence) or not families
+                or not all(isinstance(f, str) and f for f in families)):
+            raise ConfigError(f"{key} must be a non-empty list of task families, got "
+                              f"{_plain(families)!r}")
+        out[name] = list(families)
+    return out
 
 
 def action_format(eval_cfg: DictConfig) -> ActionFormat:
@@ -217,6 +240,7 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     episodes_per_env = {name: per_environment(eval_cfg.episodes or 0, name, group, "eval.episodes")
                         for name, (group, _) in envs.items()}
     played = {name: env for name, env in envs.items() if episodes_per_env[name]}
+    families = episode_tasks(eval_cfg, envs)
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None
@@ -231,6 +255,8 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     if played:
         if step_records is not None:  # kept should the rollouts fail
             atomic_write(out / "results.json", json.dumps(results, indent=2))
+        played = {name: (group, OmegaConf.merge(c, {"tasks": families[name]}) if name in families
+                         else c) for name, (group, c) in played.items()}
         episodes = _rollouts(model, tokenizer, eval_cfg, played, out, served, episodes_per_env)
         results.update(summarize(episodes, {name: groups[name] for name in played}))
         results["episodes_file"] = str((out / "episodes.jsonl").resolve())

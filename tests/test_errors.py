@@ -93,6 +93,10 @@ def test_bad_data_files_are_one_line_naming_the_file_and_line(files, case, expec
     (lambda f: load_trajectories([]), "error: data.files is empty"),
     (lambda f: load_trajectories([str(f), str(f)]), "error: data.files: trajectory ids repeat"),
     (lambda f: split_trajectories(read_trajectories(f), 1.5), "error: data.val_fraction must be"),
+    (lambda f: load_trajectories([str(f)], tasks=["coin"]),
+     "error: data.tasks: no trajectory of task family 'coin' in data.files"),
+    (lambda f: load_trajectories([str(f)], tasks="coin"),
+     "error: data.tasks must be a non-empty list of task families or null, got 'coin'"),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(files, call, expected):
     assert _entry_point(call, files["empty_turn"].with_name("ok.jsonl")).startswith(expected)

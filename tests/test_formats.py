@@ -221,3 +221,16 @@ def test_missing_ids_come_from_the_content_not_the_file_name(tmp_path, fmt):
     # files that give ids keep them
     given = write_trajectories(tmp_path / "given.jsonl", trajs[:3], "atlas")
     assert [t.id for t in read_trajectories(given)] == [t.id for t in trajs[:3]]
+
+
+def test_load_keeps_the_task_families_asked_for_then_the_limit():
+    """``data.tasks`` filters each file before the round-robin ``limit``, so a limit still
+    alternates between the environments whose families are kept."""
+    from atlas.data.datamodule import load_trajectories
+
+    files = [str(ROOT / "atlas" / "data" / "default" / f"{env}.jsonl")
+             for env in ("babyai", "scienceworld", "twx")]
+    kept = load_trajectories(files, tasks=["BabyAI-GoToLocal-v0", "coin"], limit=6)
+    assert [t.meta["task"] for t in kept] == ["BabyAI-GoToLocal-v0", "coin"] * 3
+    every = load_trajectories(files, tasks=["coin"])
+    assert len(every) == sum(1 for line in open(files[2]) if '"task": "coin"' in line) > 0

@@ -318,6 +318,26 @@ def test_episodes_are_set_per_environment(chatty_model, tokenizer, tmp_path):
         evaluate(None, None, _eval_cfg("eval.episodes={maze: -1}"), tmp_path)
 
 
+def test_episode_tasks_choose_the_families_rollouts_play(chatty_model, tokenizer, tmp_path, cache):
+    """``eval.episode_tasks`` narrows the rollouts of one environment to some task families (the
+    same test seeds in every job); the step-level evaluation keeps the environment's own."""
+    eval_cfg = _eval_cfg("eval.steps.tasks={babyai: 2}", "eval.episodes={babyai: 3}",
+                         "eval.episode_tasks={babyai: [BabyAI-PickupLoc-v0]}")
+    results = evaluate(chatty_model, tokenizer, eval_cfg, tmp_path / "a")
+    played = [json.loads(line)["meta"]["id"] for line in (tmp_path / "a" / "episodes.jsonl").open()]
+    assert played == [f"babyai/BabyAI-PickupLoc-v0/test/{1_000_000 + i}" for i in range(3)]
+    scored = {json.loads(line)["task"].split("/")[1] for line in (tmp_path / "a" / "steps.jsonl").open()}
+    assert scored == {"BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0"}
+    assert results["environments"]["babyai"]["episodes"] == 3
+    for override, message in [
+            ("eval.episode_tasks={wordle: [x]}", r"eval.episode_tasks.wordle: no environment 'wordle'"),
+            ("eval.episode_tasks={babyai: []}", r"eval.episode_tasks.babyai must be a non-empty list"),
+            ("eval.episode_tasks={babyai: coin}", r"eval.episode_tasks.babyai must be a non-empty list"),
+            ("eval.episode_tasks=[coin]", r"eval.episode_tasks must map environment names")]:
+        with pytest.raises(ValueError, match=message):
+            evaluate(None, None, _eval_cfg("eval.steps.tasks=0", override), tmp_path)
+
+
 def test_bad_step_config_is_named(tmp_path, cache):
     with pytest.raises(ValueError, match="eval.steps.tasks must be a count >= 0"):
         evaluate(None, None, _eval_cfg("eval.steps.tasks=-1"), tmp_path)

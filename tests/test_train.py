@@ -327,6 +327,7 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
 
 @pytest.mark.parametrize("name,model,jobs", [("cpu_small", "embedded:smollm2-135m-instruct", 8),
                                              ("cpu_steps", "embedded:smollm2-135m-instruct", 8),
+                                             ("cpu_focus", "embedded:smollm2-135m-instruct", 8),
                                              ("paper", "meta-llama/Llama-3.1-8B-Instruct", 15)])
 def test_experiment_configs_compose(name, model, jobs):
     from hydra import compose, initialize_config_dir
@@ -342,7 +343,13 @@ def test_experiment_configs_compose(name, model, jobs):
         assert cfg.oracle.model == "gpt-4o" and cfg.trainer.strategy == "fsdp"
     else:  # the experiment's values win over train.yaml's
         assert cfg.module.lr == 2e-4
-        assert (cfg.data.limit, cfg.eval.episodes) == ((64, 2) if name == "cpu_small" else (48, 0))
+        if name == "cpu_focus":  # two task families, played in rollouts and scored by step
+            assert cfg.data.tasks == ["BabyAI-GoToLocal-v0", "coin"]
+            assert {k: list(e.tasks) for k, e in cfg.eval.held_in.items() if e} == {
+                "babyai": ["BabyAI-GoToLocal-v0"], "twx": ["coin"]}
+            assert cfg.eval.episodes == {"held_in": 16}
+        else:
+            assert (cfg.data.limit, cfg.eval.episodes) == ((64, 2) if name == "cpu_small" else (48, 0))
 
 
 def test_experiment_cpu_small_starts_its_sweep(tmp_path):

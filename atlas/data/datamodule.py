@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 
 def load_trajectories(files: Sequence[str], format: str = "auto", env: str | None = None,
-                      limit: int | None = None) -> list[Trajectory]:
-    """Read trajectory files; keep the first ``limit`` trajectories.
+                      limit: int | None = None, tasks: Sequence[str] | None = None
+                      ) -> list[Trajectory]:
+    """Read trajectory files; keep those of the task families ``tasks`` (``meta.task``; None:
+    all), then the first ``limit``.
 
     Several files are interleaved round-robin (first of each file, then second, ...), so a
     ``limit`` over per-environment files keeps a balanced mix.
@@ -37,6 +39,17 @@ def load_trajectories(files: Sequence[str], format: str = "auto", env: str | Non
     if not files:
         raise ConfigError("data.files is empty: give at least one trajectory file")
     per_file = [read_trajectories(f, format=format, env=env) for f in files]
+    if tasks is not None:
+        if isinstance(tasks, str) or not tasks:
+            raise ConfigError(f"data.tasks must be a non-empty list of task families or null, "
+                              f"got {tasks!r}")
+        families = {t.meta.get("task") for group in per_file for t in group}
+        missing = [name for name in tasks if name not in families]
+        if missing:
+            raise ConfigError(f"data.tasks: no trajectory of task family {missing[0]!r} in "
+                              f"data.files (their families: "
+                              f"{', '.join(sorted(str(f) for f in families))})")
+        per_file = [[t for t in group if t.meta.get("task") in tasks] for group in per_file]
     out = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
     dup = [i for i, n in Counter(t.id for t in out).items() if n > 1]
     if dup:

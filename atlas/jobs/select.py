@@ -26,7 +26,8 @@ def select(cfg: DictConfig) -> dict[str, Any]:
             raise ValueError(f"split must be 'train' or 'all', got {cfg.split!r}")
         # 1. expert trajectories, in the agent's action format, split as train.py splits them
         d = cfg.data
-        trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
+        trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit,
+                                         tasks=d.get("tasks"))
         if cfg.get("eval") is not None:  # action_format=tools: as train.py sees them
             from atlas.evaluation import in_action_format
 

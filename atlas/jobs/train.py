@@ -196,7 +196,8 @@ def select_training_data(cfg: DictConfig, reuse: str | None = None) -> TrainingD
     the selector's choice (``selector``, ``oracle``, ``ratio``; reused from ``reuse``, a saved
     selection file). train.py and the mask inspector (atlas/inspect.py) start with this."""
     d = cfg.data
-    trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit)
+    trajectories = load_trajectories(d.files, format=d.format, env=d.env, limit=d.limit,
+                                     tasks=d.get("tasks"))
     trajectories = in_action_format(trajectories, cfg.eval)  # action_format=tools: as calls
     train_t, val_t = split_trajectories(trajectories, d.val_fraction)
     selector, granularity = build_selector(cfg.selector)
