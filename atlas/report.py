@@ -13,7 +13,8 @@ its ``eval/results.json``, and writes to ``--out`` (default ``<dir>/report/``):
   ``episodes.jsonl``), and the t interval over seeds where there are >= 3; then the **paired
   differences** of each selector at each ratio against ``full``, ``random`` and ``noncritical``
   at the same ratio, and against the base model (step accuracy), with paired-bootstrap 95%
-  intervals, and in words which are resolved (the interval excludes 0) and which are not;
+  intervals, and in words which are resolved (the interval excludes 0) and which are not; with
+  step accuracy, held-in accuracy by the heuristic oracle's criterion of the test step;
 - ``report.csv``: the same cells as numbers (``<column>_mean``, ``_std``, ``_low``, ``_high``);
   ``differences.csv``: the paired differences;
 - ``ratio_<selector>.png``: held-in and held-out average against the ratio, with 95% error bars
@@ -178,6 +179,7 @@ def aggregate(jobs: list[dict[str, Any]], metric: str) -> tuple[list[str], dict[
                 row[f"{name}_seeds_low"], row[f"{name}_seeds_high"] = spread["low"], spread["high"]
         # the cell's per-task numbers (mean over its seeds): task-bootstrap intervals, pairing
         seeds = [ms[0] for ms in by_seed.values()]
+        row["jobs"] = seeds
         row["units"] = _pool([u for m in seeds if (u := job_units(m, metric)) is not None])
         row["base_units"] = (_pool([u for m in seeds if (u := job_units(m, metric, base=True))])
                              if metric == "step_accuracy" else None)
@@ -257,7 +259,10 @@ def differences(choice_keys: list[str], columns: dict[str, str], rows: list[dict
             if other["selector"] == "full" and row["selector"] != "full":
                 against.append((label(other), other["units"]))
             elif (other["selector"] in BASELINES[1:] and other["selector"] != row["selector"]
-                  and other["ratio"] == row["ratio"] and row["selector"] != "full"):
+                  and other["ratio"] == row["ratio"] and row["selector"] != "full"
+                  # random vs noncritical: once, not again as noncritical vs random
+                  and not (row["selector"] in BASELINES[1:]
+                           and row["selector"] > other["selector"])):
                 against.append((label(other), other["units"]))
         if row["base_units"]:
             against.append(("base model", row["base_units"]))
@@ -384,6 +389,60 @@ def format_markdown(choice_keys: list[str], columns: dict[str, str], rows: list[
     return "\n".join(lines)
 
 
+def by_criterion(choice_keys: list[str], rows: list[dict], group: str = "held_in"
+                 ) -> list[dict[str, Any]]:
+    """Per cell, step accuracy on the test steps of each heuristic-oracle criterion (the
+    ``criterion`` of each ``steps.jsonl`` record): whether a selector improved the steps it
+    trained on, or the others. Each entry: the cell's labels, and per criterion its steps and
+    accuracy (%) with a 95% task-bootstrap interval (per-task mean over the cell's seeds)."""
+    out = []
+    for row in rows:
+        records = []
+        for job in row["jobs"]:
+            path = job["eval_dir"] / "steps.jsonl"
+            records.append(read_jsonl(path) if path.is_file() else None)
+        if not records or any(r is None for r in records):
+            continue
+        entry = {"selector": row["selector"], "ratio": row["ratio"],
+                 **{k: row[k] for k in choice_keys}, "criteria": {}}
+        for criterion in step_eval.CRITERIA:
+            units = _pool([step_eval.units([r for r in rs if r["criterion"] == criterion],
+                                           "correct", group) for rs in records])
+            if not units or not any(units.values()):
+                continue
+            est = Ratio.of({e: u for e, u in units.items() if u}).interval().scaled(100)
+            entry["criteria"][criterion] = {
+                "steps": sum(int(n) for u in units.values() for _, n in u.values()),
+                "value": est.value, "low": est.low, "high": est.high}
+        out.append(entry)
+    return out
+
+
+def format_by_criterion(choice_keys: list[str], entries: list[dict[str, Any]],
+                        group: str = "held_in") -> str:
+    if not entries:
+        return ""
+    criteria = [c for c in step_eval.CRITERIA if any(c in e["criteria"] for e in entries)]
+    steps = {c: next(e["criteria"][c]["steps"] for e in entries if c in e["criteria"])
+             for c in criteria}
+    lines = [f"## {LABELS[group].replace(' avg', '')} step accuracy by the criterion of the test "
+             f"step (%)", "",
+             "The heuristic oracle marks the test steps as it marks training steps; a cell is the "
+             "accuracy on the steps of one criterion (mean over environments, per-task mean over "
+             "seeds) with its 95% task-bootstrap interval. It shows whether a selector improved "
+             "the steps it trained on or the others; marked categories hold few steps.", "",
+             "| " + " | ".join(["selector", "ratio", *choice_keys,
+                                *(f"{c} ({steps[c]} steps)" for c in criteria)]) + " |",
+             "|" + "|".join("---" for _ in range(len(criteria) + 2 + len(choice_keys))) + "|"]
+    for e in entries:
+        cells = [(f"{v['value']:.1f} [{v['low']:.1f}, {v['high']:.1f}]"
+                  if (v := e["criteria"].get(c)) else "–") for c in criteria]
+        ratio = "all" if e["selector"] == "full" else f"{e['ratio']:g}"
+        lines.append("| " + " | ".join([e["selector"], ratio, *(str(e[k]) for k in choice_keys),
+                                        *cells]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_ratios(choice_keys: list[str], rows: list[dict], metric: str, out: Path,
                 title: str) -> list[Path]:
     """One ``ratio_<selector>.png`` per selector but ``full``: group averages against the ratio.
@@ -488,6 +547,9 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
             writer = csv.DictWriter(f, list(diffs[0]))
             writer.writeheader()
             writer.writerows(diffs)
+    criteria = by_criterion(choice_keys, rows) if metric == "step_accuracy" else []
+    if criteria:
+        text += "\n" + format_by_criterion(choice_keys, criteria)
     if missing:
         text += "\nMissing jobs (left out): " + "; ".join(f"`{m}`" for m in missing) + "\n"
     (out / "report.md").write_text(text, encoding="utf-8")
@@ -533,7 +595,8 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
         log.info("W&B report run (%s) in %s", os.environ["WANDB_MODE"], wandb_dir)
     log.info("report in %s", out.resolve())
     return {"markdown": out / "report.md", "csv": out / "report.csv", "plots": plots,
-            "rows": rows, "differences": diffs, "missing": missing, "wandb_dir": wandb_dir,
+            "rows": rows, "differences": diffs, "by_criterion": criteria, "missing": missing,
+            "wandb_dir": wandb_dir,
             "metric": metric}
 
 

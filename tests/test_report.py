@@ -219,8 +219,9 @@ def test_full_at_several_ratios_is_one_seed_and_other_overrides_split_cells(tmp_
 
 
 def _step_records(env_groups: dict[str, str], correct_rate: dict[str, float], tasks: int = 12,
-                  steps: int = 6, seed: int = 0) -> list[dict]:
-    """Step records as evaluate() writes them: per env, ``tasks`` tasks of ``steps`` steps."""
+                  steps: int = 6, seed: int = 0, plan_rate: float | None = None) -> list[dict]:
+    """Step records as evaluate() writes them: per env, ``tasks`` tasks of ``steps`` steps, the
+    first marked Plan Creation (right at ``plan_rate``, default the environment's rate)."""
     import random
 
     rng = random.Random(seed)
@@ -228,20 +229,21 @@ def _step_records(env_groups: dict[str, str], correct_rate: dict[str, float], ta
     for env, group in env_groups.items():
         for t in range(tasks):
             for s in range(steps):
+                rate = correct_rate[env] if s or plan_rate is None else plan_rate
                 out.append({"env": env, "group": group, "task": f"{env}/t{t}", "step": s,
-                            "criterion": "unmarked", "expert_action": "a", "action": "a",
-                            "correct": rng.random() < correct_rate[env], "nll": 1.0,
-                            "response": ""})
+                            "criterion": "unmarked" if s else "Plan Creation",
+                            "expert_action": "a", "action": "a",
+                            "correct": rng.random() < rate, "nll": 1.0, "response": ""})
     return out
 
 
 def write_step_job(job_dir: Path, selector: str, ratio: float, seed: int, rates: dict[str, float],
-                   base_rates: dict[str, float]) -> Path:
+                   base_rates: dict[str, float], plan_rate: float | None = None) -> Path:
     from atlas import step_eval
 
     groups = {"babyai": "held_in", "wordle": "held_in", "maze": "held_out"}
     write_job(job_dir, selector, ratio, seed, (0.0, 0.0, 0.0))
-    records = _step_records(groups, rates, seed=seed)
+    records = _step_records(groups, rates, seed=seed, plan_rate=plan_rate)
     base = _step_records(groups, base_rates, seed=99)
     eval_dir = job_dir / "eval"
     for name, recs in (("steps.jsonl", records), ("steps_base.jsonl", base)):
@@ -284,3 +286,28 @@ def test_step_accuracy_report_with_intervals_and_paired_differences(tmp_path):
     with (result["markdown"].parent / "differences.csv").open() as f:
         assert len(list(csv.DictReader(f))) == len(result["differences"])
     assert result["plots"]  # with error bars from the intervals
+
+
+def test_accuracy_by_criterion_of_the_test_step_and_each_pair_compared_once(tmp_path):
+    """The report splits held-in step accuracy by the criterion of the test step, per cell with
+    a task-bootstrap interval; random and noncritical are compared once, not both ways."""
+    root = tmp_path / "sweep"
+    rates, base = {"babyai": 0.5, "wordle": 0.5, "maze": 0.5}, {"babyai": 0.1, "wordle": 0.1, "maze": 0.1}
+    write_step_job(root / "0", "full", 0.3, 0, rates, base, plan_rate=0.0)
+    write_step_job(root / "1", "critical", 0.3, 0, rates, base, plan_rate=1.0)
+    write_step_job(root / "2", "critical", 0.3, 1, rates, base, plan_rate=1.0)
+    write_step_job(root / "3", "random", 0.3, 0, rates, base)
+    write_step_job(root / "4", "noncritical", 0.3, 0, rates, base)
+    result = report(root, use_wandb=False)
+    cells = {e["selector"]: e["criteria"] for e in result["by_criterion"]}
+    assert cells["critical"]["Plan Creation"] == {"steps": 24, "value": 100.0, "low": 100.0, "high": 100.0}
+    assert cells["full"]["Plan Creation"]["value"] == 0.0
+    for criteria in cells.values():  # 2 held-in environments x 12 tasks x 5 unmarked steps
+        unmarked = criteria["unmarked"]
+        assert unmarked["steps"] == 120 and unmarked["low"] < 50.0 < unmarked["high"]
+    md = result["markdown"].read_text()
+    assert "## held-in step accuracy by the criterion of the test step" in md
+    assert "| critical | 0.3 | 100.0 [100.0, 100.0] |" in md and "Plan Creation (24 steps)" in md
+    pairs = {(d["a"], d["b"]) for d in result["differences"]}
+    assert ("noncritical 0.3", "random 0.3") in pairs and ("random 0.3", "noncritical 0.3") not in pairs
+    assert ("critical 0.3", "random 0.3") in pairs and ("random 0.3", "critical 0.3") not in pairs
