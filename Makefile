@@ -25,7 +25,8 @@ install: $(STAMP)
 # and 4 per held-out environment, against the base model (scored once, then cached). It ends
 # with the table base vs trained: held-in and held-out step accuracy with 95% intervals. This is
 # one job of experiment=cpu_steps (full, seed 0). No rollouts (they cost more than the rest here
-# and, at this size, succeed on nothing): `ARGS=eval.episodes=2` adds them.
+# and, on this mix at this size, succeed on almost nothing): `ARGS=eval.episodes=2` adds them;
+# experiment=cpu_focus is the comparison whose rollouts succeed.
 DEMO_ARGS ?= data.limit=48 module.lr=2e-4 trainer.accumulate_grad_batches=2 eval.episodes=0 'eval.steps.tasks={held_in:3,held_out:4}'
 demo: install  ## train SmolLM2-135M on expert trajectories, then evaluate held-in and held-out (ARGS="..." adds overrides)
 	$(BIN)/python train.py $(DEMO_ARGS) $(ARGS)

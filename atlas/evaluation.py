@@ -31,7 +31,7 @@ import logging
 import os
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,7 @@ from atlas.data.trajectory import Trajectory
 from atlas.envs.base import Split
 from atlas.rollout import ActionFormat, EnvPool, Episode, EpisodeStatus, Policy, run_episodes
 from atlas.stats import Ratio, wilson
-from atlas.utils import ConfigError, atomic_write, per_environment
+from atlas.utils import ConfigError, atomic_write, names, per_environment
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +78,26 @@ def environments(eval_cfg: DictConfig) -> dict[str, tuple[str, DictConfig]]:
     return envs
 
 
+def check_suite(eval_cfg: DictConfig) -> tuple[dict[str, tuple[str, DictConfig]],
+                                               dict[str, int], dict[str, list[str]]]:
+    """The suite's settings, checked (train.py calls this before training, so a bad value fails
+    at once): its environments (:func:`environments`), episodes per environment, and the task
+    families of those whose rollouts play only some (:func:`episode_tasks`)."""
+    Split.of(eval_cfg.split, "eval.split")
+    for key in ("batch_size", "instances"):
+        if eval_cfg[key] < 1:
+            raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
+    backend(eval_cfg)
+    envs = environments(eval_cfg)
+    episodes = {name: per_environment(eval_cfg.episodes or 0, name, group, "eval.episodes")
+                for name, (group, _) in envs.items()}
+    return envs, episodes, episode_tasks(eval_cfg, envs)
+
+
 def episode_tasks(eval_cfg: DictConfig, envs: dict[str, tuple[str, DictConfig]]
                   ) -> dict[str, list[str]]:
-    """``eval.episode_tasks``: by environment name, the task families its rollouts draw from
-    instead of its own ``tasks`` (the step-level evaluation keeps those)."""
+    """``eval.episode_tasks``: by environment name, some of its task families for the rollouts
+    to play (the step-level evaluation keeps them all); a missing or null entry: all."""
     setting = eval_cfg.get("episode_tasks") or {}
     if not isinstance(setting, Mapping):
         raise ConfigError(f"eval.episode_tasks must map environment names to lists of task "
@@ -89,14 +105,20 @@ def episode_tasks(eval_cfg: DictConfig, envs: dict[str, tuple[str, DictConfig]]
     out = {}
     for name, families in setting.items():
         key = f"eval.episode_tasks.{name}"
+        if families is None:
+            continue
         if name not in envs:
             raise ConfigError(f"{key}: no environment {name!r} in the suite (it has "
                               f"{', '.join(envs)})")
-        if (isinstance(families, str) or not isinstance(families, Sequence) or not families
-                or not all(isinstance(f, str) and f for f in families)):
-            raise ConfigError(f"{key} must be a non-empty list of task families, got "
-                              f"{_plain(families)!r}")
-        out[name] = list(families)
+        own = envs[name][1].get("tasks")
+        if own is None or get_class(envs[name][1]._target_).remote:
+            raise ConfigError(f"{key}: environment {name} plays tasks by index "
+                              f"(indices.test), not by family")
+        out[name] = names(families, key)
+        unknown = [f for f in out[name] if f not in own]
+        if unknown:
+            raise ConfigError(f"{key}: {unknown[0]!r} is not one of environment {name}'s task "
+                              f"families ({', '.join(own)})")
     return out
 
 
@@ -231,16 +253,8 @@ def evaluate(model, tokenizer, eval_cfg: DictConfig, out_dir: str | Path,
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    Split.of(eval_cfg.split, "eval.split")
-    for key in ("batch_size", "instances"):
-        if eval_cfg[key] < 1:
-            raise ValueError(f"eval.{key} must be >= 1, got {eval_cfg[key]}")
-    backend(eval_cfg)
-    envs = environments(eval_cfg)
-    episodes_per_env = {name: per_environment(eval_cfg.episodes or 0, name, group, "eval.episodes")
-                        for name, (group, _) in envs.items()}
+    envs, episodes_per_env, families = check_suite(eval_cfg)
     played = {name: env for name, env in envs.items() if episodes_per_env[name]}
-    families = episode_tasks(eval_cfg, envs)
     groups = {name: group for name, (group, _) in envs.items()}
     results: dict[str, Any] = {"environments": {}, "averages": {}}
     step_records = None

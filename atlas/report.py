@@ -260,9 +260,9 @@ def differences(choice_keys: list[str], columns: dict[str, str], rows: list[dict
                 against.append((label(other), other["units"]))
             elif (other["selector"] in BASELINES[1:] and other["selector"] != row["selector"]
                   and other["ratio"] == row["ratio"] and row["selector"] != "full"
-                  # random vs noncritical: once, not again as noncritical vs random
+                  # random vs noncritical once, in the paper's order (not again reversed)
                   and not (row["selector"] in BASELINES[1:]
-                           and row["selector"] > other["selector"])):
+                           and BASELINES.index(row["selector"]) > BASELINES.index(other["selector"]))):
                 against.append((label(other), other["units"]))
         if row["base_units"]:
             against.append(("base model", row["base_units"]))
@@ -414,7 +414,8 @@ def by_criterion(choice_keys: list[str], rows: list[dict], group: str = "held_in
             entry["criteria"][criterion] = {
                 "steps": sum(int(n) for u in units.values() for _, n in u.values()),
                 "value": est.value, "low": est.low, "high": est.high}
-        out.append(entry)
+        if entry["criteria"]:
+            out.append(entry)
     return out
 
 
@@ -423,8 +424,10 @@ def format_by_criterion(choice_keys: list[str], entries: list[dict[str, Any]],
     if not entries:
         return ""
     criteria = [c for c in step_eval.CRITERIA if any(c in e["criteria"] for e in entries)]
-    steps = {c: next(e["criteria"][c]["steps"] for e in entries if c in e["criteria"])
-             for c in criteria}
+    counts = {c: {e["criteria"][c]["steps"] for e in entries if c in e["criteria"]}
+              for c in criteria}
+    # one suite: the step counts go in the header; cells of different suites show their own
+    steps = {c: f" ({n.pop()} steps)" if len(n) == 1 else "" for c, n in counts.items()}
     lines = [f"## {LABELS[group].replace(' avg', '')} step accuracy by the criterion of the test "
              f"step (%)", "",
              "The heuristic oracle marks the test steps as it marks training steps; a cell is the "
@@ -432,10 +435,11 @@ def format_by_criterion(choice_keys: list[str], entries: list[dict[str, Any]],
              "seeds) with its 95% task-bootstrap interval. It shows whether a selector improved "
              "the steps it trained on or the others; marked categories hold few steps.", "",
              "| " + " | ".join(["selector", "ratio", *choice_keys,
-                                *(f"{c} ({steps[c]} steps)" for c in criteria)]) + " |",
+                                *(f"{c}{steps[c]}" for c in criteria)]) + " |",
              "|" + "|".join("---" for _ in range(len(criteria) + 2 + len(choice_keys))) + "|"]
     for e in entries:
         cells = [(f"{v['value']:.1f} [{v['low']:.1f}, {v['high']:.1f}]"
+                  + ("" if steps[c] else f" ({v['steps']} steps)")
                   if (v := e["criteria"].get(c)) else "–") for c in criteria]
         ratio = "all" if e["selector"] == "full" else f"{e['ratio']:g}"
         lines.append("| " + " | ".join([e["selector"], ratio, *(str(e[k]) for k in choice_keys),
@@ -515,8 +519,11 @@ def report(multirun_dir: str | Path, out: str | Path | None = None, metric: str 
         use_wandb: Also log to W&B when the jobs did (and WANDB_MODE is not ``disabled``).
 
     Returns:
-        ``{"markdown", "csv", "plots", "rows", "missing", "wandb_dir"}``: the written paths, the
-        cells as in ``report.csv``, the job directories left out, the W&B run directory or None.
+        ``{"markdown", "csv", "plots", "rows", "differences", "by_criterion", "missing",
+        "wandb_dir", "metric"}``: the written paths, the cells as in ``report.csv`` (plus each
+        cell's ``jobs`` and pooled per-task ``units``), the paired differences, held-in step
+        accuracy by criterion (:func:`by_criterion`), the job directories left out, the W&B run
+        directory or None, the metric.
 
     Raises:
         ValueError: Unknown metric, malformed JSON, or no job with eval results.

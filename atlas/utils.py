@@ -9,11 +9,13 @@ import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator
+
+from omegaconf import OmegaConf
 
 PKG_PREFIX = "pkg://"
 
@@ -83,6 +85,16 @@ class Choice(str, Enum):
         except ValueError:
             raise ConfigError(f"{key} must be one of {', '.join(m.value for m in cls)}, "
                               f"got {value!r}") from None
+
+
+def names(value: Any, key: str, what: str = "task families") -> list[str]:
+    """A config value that must be a non-empty list of non-empty strings (``data.tasks``,
+    ``eval.episode_tasks.<env>``), as a plain list; ``key`` names it in the error."""
+    if (isinstance(value, str) or not isinstance(value, Sequence) or not value
+            or not all(isinstance(v, str) and v for v in value)):
+        shown = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+        raise ConfigError(f"{key} must be a non-empty list of {what}, got {shown!r}")
+    return list(value)
 
 
 def per_environment(setting: Any, name: str, group: str, key: str) -> int:

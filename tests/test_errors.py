@@ -94,9 +94,9 @@ def test_bad_data_files_are_one_line_naming_the_file_and_line(files, case, expec
     (lambda f: load_trajectories([str(f), str(f)]), "error: data.files: trajectory ids repeat"),
     (lambda f: split_trajectories(read_trajectories(f), 1.5), "error: data.val_fraction must be"),
     (lambda f: load_trajectories([str(f)], tasks=["coin"]),
-     "error: data.tasks: no trajectory of task family 'coin' in data.files"),
+     "error: data.tasks needs trajectories that record their task family (meta.task"),
     (lambda f: load_trajectories([str(f)], tasks="coin"),
-     "error: data.tasks must be a non-empty list of task families or null, got 'coin'"),
+     "error: data.tasks must be a non-empty list of task families, got 'coin'"),
 ])
 def test_bad_config_values_are_one_line_naming_the_key(files, call, expected):
     assert _entry_point(call, files["empty_turn"].with_name("ok.jsonl")).startswith(expected)
@@ -126,6 +126,18 @@ def test_train_py_prints_one_line_and_exits_1(tmp_path, files):
     # the full traceback on request
     proc = _run("train.py", tmp_path, *TINY, "selector=random", "ratio=abc", HYDRA_FULL_ERROR="1")
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "ConfigError" in proc.stderr
+
+
+def test_train_py_checks_the_evaluation_settings_before_training(tmp_path):
+    """A bad evaluation setting fails the job before the model is loaded or trained, not after
+    minutes of training."""
+    line = _one_line(_run("train.py", tmp_path, "model=tiny_llama", "logger=csv", "eval=smoke",
+                          "data.limit=4", "eval.episode_tasks={babyai: [BabyAI-GoTo-v0]}"))
+    assert line == ("error: eval.episode_tasks.babyai: 'BabyAI-GoTo-v0' is not one of environment "
+                    "babyai's task families (BabyAI-GoToLocal-v0, BabyAI-PickupLoc-v0, "
+                    "BabyAI-OpenDoor-v0, BabyAI-PutNextLocal-v0)")
+    assert not (tmp_path / "run" / "model").exists()
+    assert "val/loss" not in (tmp_path / "run" / "train.log").read_text()
 
 
 def _bad_answers(n, m, prompt_text):

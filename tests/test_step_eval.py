@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from atlas import step_eval
 from atlas.data.formats import read_trajectories
 from atlas.data.masking import tokenize_steps
-from atlas.evaluation import environments, evaluate
+from atlas.evaluation import environments, episode_tasks, evaluate
 from atlas.model import load_model
 from atlas.rollout import ActionFormat, Policy
 from tests.helpers import CONF, ROOT
@@ -329,13 +329,20 @@ def test_episode_tasks_choose_the_families_rollouts_play(chatty_model, tokenizer
     scored = {json.loads(line)["task"].split("/")[1] for line in (tmp_path / "a" / "steps.jsonl").open()}
     assert scored == {"BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0"}
     assert results["environments"]["babyai"]["episodes"] == 3
+    # null: the environment's own families (how an experiment's entry is dropped)
+    assert episode_tasks(_eval_cfg("eval.episode_tasks={babyai: null}"), environments(eval_cfg)) == {}
     for override, message in [
             ("eval.episode_tasks={wordle: [x]}", r"eval.episode_tasks.wordle: no environment 'wordle'"),
+            ("eval.episode_tasks={babyai: [coin]}",
+             r"eval.episode_tasks.babyai: 'coin' is not one of environment babyai's task families"),
+            (("+env@eval.held_out.web=agentgym_webshop", "eval.episode_tasks={webshop: [x]}"),
+             r"eval.episode_tasks.webshop: environment webshop plays tasks by index"),
             ("eval.episode_tasks={babyai: []}", r"eval.episode_tasks.babyai must be a non-empty list"),
             ("eval.episode_tasks={babyai: coin}", r"eval.episode_tasks.babyai must be a non-empty list"),
             ("eval.episode_tasks=[coin]", r"eval.episode_tasks must map environment names")]:
         with pytest.raises(ValueError, match=message):
-            evaluate(None, None, _eval_cfg("eval.steps.tasks=0", override), tmp_path)
+            evaluate(None, None, _eval_cfg("eval.steps.tasks=0", *(
+                (override,) if isinstance(override, str) else override)), tmp_path)
 
 
 def test_bad_step_config_is_named(tmp_path, cache):

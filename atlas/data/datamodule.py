@@ -20,7 +20,7 @@ from atlas.data.formats import read_trajectories
 from atlas.data.masking import (IGNORE_INDEX, Example, MaskingError, NothingToSuperviseError,
                                  Overflow, StepOverflowError, encode)
 from atlas.data.trajectory import Trajectory
-from atlas.utils import ConfigError
+from atlas.utils import ConfigError, names
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +40,15 @@ def load_trajectories(files: Sequence[str], format: str = "auto", env: str | Non
         raise ConfigError("data.files is empty: give at least one trajectory file")
     per_file = [read_trajectories(f, format=format, env=env) for f in files]
     if tasks is not None:
-        if isinstance(tasks, str) or not tasks:
-            raise ConfigError(f"data.tasks must be a non-empty list of task families or null, "
-                              f"got {tasks!r}")
-        families = {t.meta.get("task") for group in per_file for t in group}
-        missing = [name for name in tasks if name not in families]
+        tasks = set(names(tasks, "data.tasks"))
+        families = {t.meta["task"] for group in per_file for t in group if t.meta.get("task")}
+        if not families:
+            raise ConfigError("data.tasks needs trajectories that record their task family "
+                              "(meta.task, as atlas's generator writes it); data.files have none")
+        missing = sorted(tasks - families)
         if missing:
             raise ConfigError(f"data.tasks: no trajectory of task family {missing[0]!r} in "
-                              f"data.files (their families: "
-                              f"{', '.join(sorted(str(f) for f in families))})")
+                              f"data.files (their families: {', '.join(sorted(families))})")
         per_file = [[t for t in group if t.meta.get("task") in tasks] for group in per_file]
     out = [t for group in itertools.zip_longest(*per_file) for t in group if t is not None]
     dup = [i for i, n in Counter(t.id for t in out).items() if n > 1]

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from atlas.console import LineProgress, duration, is_terminal, summary_block
 from atlas.data.datamodule import load_trajectories, split_trajectories
-from atlas.evaluation import in_action_format
+from atlas.evaluation import check_suite, in_action_format
 from atlas.model import load_model, load_tokenizer
 from atlas.selection import (apply_selections, build_selector, select_steps, summarize,
                              write_selection)
@@ -225,6 +225,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                              "would be saved and evaluated from its shards: use deepspeed_stage_2, "
                              "or trainer=fsdp to shard the weights")
         try:
+            if cfg.get("eval_after_training"):
+                check_suite(cfg.eval)  # a bad eval setting fails now, not after training
             # 1. expert trajectories, 2. selection (selector + oracle + ratio; reused from
             #    selection_file, oracle answers cached)
             data = _selection(cfg, out)
