@@ -205,7 +205,7 @@ def job_units(job: dict[str, Any], metric: str, base: bool = False) -> Units | N
         if not path.is_file():
             cache[key] = None
         elif kind == "steps":
-            cache[key] = step_eval.units(read_jsonl(path), "correct")
+            cache[key] = step_eval.units(_step_records(job, name), "correct")
         else:
             units: dict[str, dict[str, tuple[float, float]]] = {}
             for r in read_jsonl(path):
@@ -214,6 +214,16 @@ def job_units(job: dict[str, Any], metric: str, base: bool = False) -> Units | N
                 units.setdefault(r["env"], {})[meta.get("id", r["id"])] = (value, 1.0)
             cache[key] = units
     return cache[key]
+
+
+def _step_records(job: dict[str, Any], name: str = "steps.jsonl") -> list[dict] | None:
+    """A job's step records (``steps.jsonl``, or the base model's ``steps_base.jsonl``), read
+    once; None when the job has none."""
+    records = job.setdefault("records", {})
+    if name not in records:
+        path = job["eval_dir"] / name
+        records[name] = read_jsonl(path) if path.is_file() else None
+    return records[name]
 
 
 def _pool(units: list[Units]) -> Units | None:
@@ -397,10 +407,7 @@ def by_criterion(choice_keys: list[str], rows: list[dict], group: str = "held_in
     accuracy (%) with a 95% task-bootstrap interval (per-task mean over the cell's seeds)."""
     out = []
     for row in rows:
-        records = []
-        for job in row["jobs"]:
-            path = job["eval_dir"] / "steps.jsonl"
-            records.append(read_jsonl(path) if path.is_file() else None)
+        records = [_step_records(job) for job in row["jobs"]]
         if not records or any(r is None for r in records):
             continue
         entry = {"selector": row["selector"], "ratio": row["ratio"],
